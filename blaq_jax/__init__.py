@@ -1,0 +1,34 @@
+"""blaq_jax: loss-aware low-bit weight quantization (LAQ, BLAQ) for Optax.
+
+The model computes with quantized weights ``q = alpha * beta``; the
+transforms keep the latent full-precision weights, moments and codes in their
+state and emit ``updates`` that land the params on the level set.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, blaq_jax
+  >>> opt = optax.chain(optax.clip_by_global_norm(1.0), blaq_jax.blaq(1e-3))
+"""
+
+from blaq_jax import methods
+from blaq_jax.levels import LevelSet
+from blaq_jax.loss_aware import LossAwareState
+from blaq_jax.loss_aware import TrialState
+from blaq_jax.loss_aware import blaq
+from blaq_jax.loss_aware import curvature
+from blaq_jax.loss_aware import laq
+from blaq_jax.loss_aware import loss_aware_quantization
+from blaq_jax.projection import project
+from blaq_jax.schedules import every_n_steps
+from blaq_jax.schedules import never
+from blaq_jax.schedules import one_epoch_every
+from blaq_jax.selection import default_quantize
+from blaq_jax.selection import path_str
+from blaq_jax.state import Diagnostics
+from blaq_jax.state import QuantizedTensor
+from blaq_jax.state import codes
+from blaq_jax.state import latent_params
+from blaq_jax.state import quantized_params
+from blaq_jax.state import quantized_tensors
+from blaq_jax.state import scales
+
+__version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""Optimizer state shared by every blaq_jax transform, and accessors for it.
+
+The model only ever sees the quantized weights ``q = alpha * beta``. Everything
+else lives in the optimizer state:
+
+* :class:`QuantizedTensor`: the codes (indices of ``beta`` in the level set)
+  and the scale(s) ``alpha`` of one quantized leaf, with its level set and
+  scale granularity as static metadata. ``dequantize()`` gives ``q``.
+* the latent full-precision weights ``w`` (``latent``), Adam moments, and the
+  diagnostics, in the NamedTuple of each transform.
+
+Leaves that are trained in full precision hold ``optax.MaskedNode()`` in the
+per-leaf trees (``latent``, ``quantized``, ...), so those trees keep the
+params' structure.
+
+Example:
+  >>> import jax.numpy as jnp, optax, blaq_jax
+  >>> params = {"dense": {"kernel": jnp.array([[0.3, -0.1], [0.2, -0.4]]),
+  ...                     "bias": jnp.zeros(2)}}
+  >>> opt = blaq_jax.laq(1e-3)
+  >>> state = opt.init(params)
+  >>> q = blaq_jax.quantized_params(params, state)  # quantized start point
+  >>> q["dense"]["kernel"].tolist()
+  [[0.25, -0.25], [0.25, -0.25]]
+  >>> blaq_jax.codes(state)["dense"]["kernel"].tolist()
+  [[1, 0], [1, 0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blaq_jax.levels import LevelSet
+from blaq_jax.projection import dequantize
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+  """Codes and scale(s) of one quantized leaf: ``q = alpha * Q[codes]``.
+
+  Attributes:
+    codes: ``uint8`` array of the leaf's shape, indices into
+      ``level_set.values``.
+    alpha: ``float32`` scale, shape ``()`` (per tensor) or ``(C,)`` (per
+      slice of ``channel_axis``).
+    level_set: the :class:`~blaq_jax.levels.LevelSet` (static).
+    channel_axis: ``None`` for a per-tensor scale, else the scaled axis
+      (static).
+  """
+
+  codes: Any
+  alpha: Any
+  level_set: LevelSet = dataclasses.field(default_factory=LevelSet)
+  channel_axis: Optional[int] = None
+
+  def dequantize(self, dtype=jnp.float32):
+    """The quantized weights ``alpha * beta``."""
+    return dequantize(self.alpha, self.codes, self.level_set,
+                      self.channel_axis, dtype)
+
+  @property
+  def bits(self) -> int:
+    return self.level_set.bits
+
+
+jax.tree_util.register_dataclass(
+    QuantizedTensor, data_fields=["codes", "alpha"],
+    meta_fields=["level_set", "channel_axis"])
+
+
+class Diagnostics(NamedTuple):
+  """Cheap per-step zig-zag statistics (read with ``optax.tree.get``).
+
+  Attributes:
+    flip_fraction: fraction of quantized entries whose level changed in the
+      last real step.
+    update_cosine: cosine between the last two latent updates (all quantized
+      leaves together); near -1 means zig-zag. 0 when either is zero.
+    trial_active: whether the last step ran the trial (two-stage) update.
+    trial_flip_fraction: fraction of quantized entries whose trial level
+      ``q*`` differs from ``q_t`` (0 on inactive steps).
+    trial_grad_cosine: cosine between the gradient at ``q_t`` and the trial
+      gradient at ``q*`` (0 on inactive steps).
+  """
+
+  flip_fraction: jax.Array
+  update_cosine: jax.Array
+  trial_active: jax.Array
+  trial_flip_fraction: jax.Array
+  trial_grad_cosine: jax.Array
+
+
+def init_diagnostics() -> Diagnostics:
+  z = jnp.zeros([], jnp.float32)
+  return Diagnostics(z, z, jnp.zeros([], jnp.bool_), z, z)
+
+
+def _is_qt(x):
+  return isinstance(x, QuantizedTensor)
+
+
+def _find(opt_state, field: str):
+  """The unique ``field`` of a blaq_jax state nested anywhere in opt_state."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      if field in node._fields and "latent" in node._fields:
+        found.append(getattr(node, field))
+        return
+      for child in node:
+        visit(child)
+    elif isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+    elif hasattr(node, "inner_state"):
+      visit(node.inner_state)
+
+  visit(opt_state)
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one blaq_jax optimizer state inside opt_state, "
+        f"found {len(found)}.")
+  return found[0]
+
+
+def latent_params(opt_state):
+  """The latent full-precision weights (MaskedNode at full-precision leaves)."""
+  return _find(opt_state, "latent")
+
+
+def quantized_tensors(opt_state):
+  """Tree of :class:`QuantizedTensor` (MaskedNode at full-precision leaves)."""
+  return _find(opt_state, "quantized")
+
+
+def codes(opt_state):
+  """Tree of uint8 codes of the quantized leaves."""
+  return jax.tree.map(lambda t: t.codes, quantized_tensors(opt_state),
+                      is_leaf=_is_qt)
+
+
+def scales(opt_state):
+  """Tree of the scales ``alpha`` of the quantized leaves."""
+  return jax.tree.map(lambda t: t.alpha, quantized_tensors(opt_state),
+                      is_leaf=_is_qt)
+
+
+def quantized_params(params, opt_state):
+  """``params`` with every quantized leaf replaced by ``alpha * beta``.
+
+  Right after ``init`` this is the quantized starting point of a float
+  initialisation; after any update it equals ``params`` up to an ulp.
+  """
+  treedef = jax.tree.structure(params)
+  qt = treedef.flatten_up_to(quantized_tensors(opt_state))
+  leaves = [t.dequantize(jnp.result_type(p)) if _is_qt(t) else p
+            for p, t in zip(treedef.flatten_up_to(params), qt)]
+  return treedef.unflatten(leaves)
+
+
+def is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
