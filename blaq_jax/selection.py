@@ -42,13 +42,25 @@ def _key_name(k) -> str:
   return str(k)
 
 
+def _strip_variable(path):
+  # Flax NNX Variables flatten to their ``.value``: a Variable-wrapped state
+  # (what nnx.Optimizer gives ``init``) and its pure arrays (what it gives
+  # ``update``) must name their leaves alike.
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and (
+      path[-1].name == "value"):
+    return path[:-1]
+  return path
+
+
 def path_str(path) -> str:
   """``'layers/0/kernel'`` for a JAX key path."""
-  return "/".join(_key_name(k) for k in path)
+  return "/".join(_key_name(k) for k in _strip_variable(path))
 
 
 def default_quantize(path, leaf) -> bool:
   """True for dense/conv kernels: leaf named ``kernel`` with ``ndim >= 2``."""
+  path = _strip_variable(path)
   return bool(path) and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2
 
 
