@@ -48,6 +48,8 @@ from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import project
 from blaq_jax.state import Diagnostics, QuantizedTensor, init_diagnostics
+from blaq_jax.state import cosine as _cosine
+from blaq_jax.state import fraction_changed as _fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Active = Union[int, Callable[[jax.Array], Any]]
@@ -118,21 +120,6 @@ def _check_unit_interval(name, value):
   v = np.asarray(value)
   if v.shape != () or not 0.0 <= float(v) <= 1.0:
     raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
-
-
-def _cosine(xs, ys):
-  dot = sum((jnp.vdot(x, y) for x, y in zip(xs, ys)), jnp.float32(0))
-  nx = sum((jnp.vdot(x, x) for x in xs), jnp.float32(0))
-  ny = sum((jnp.vdot(y, y) for y in ys), jnp.float32(0))
-  den = jnp.sqrt(nx * ny)
-  return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
-
-
-def _fraction_changed(new, old, total):
-  if not total:
-    return jnp.zeros([], jnp.float32)
-  n = sum(jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(new, old))
-  return n.astype(jnp.float32) / total
 
 
 def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,

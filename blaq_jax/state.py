@@ -100,6 +100,23 @@ def init_diagnostics() -> Diagnostics:
   return Diagnostics(z, z, jnp.zeros([], jnp.bool_), z, z)
 
 
+def cosine(xs, ys):
+  """Cosine of two lists of arrays seen as one vector (0 if either is 0)."""
+  dot = sum((jnp.vdot(x, y) for x, y in zip(xs, ys)), jnp.float32(0))
+  nx = sum((jnp.vdot(x, x) for x in xs), jnp.float32(0))
+  ny = sum((jnp.vdot(y, y) for y in ys), jnp.float32(0))
+  den = jnp.sqrt(nx * ny)
+  return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def fraction_changed(new, old, total):
+  """Fraction of the ``total`` entries of ``new`` that differ from ``old``."""
+  if not total:
+    return jnp.zeros([], jnp.float32)
+  n = sum(jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(new, old))
+  return n.astype(jnp.float32) / total
+
+
 def _is_qt(x):
   return isinstance(x, QuantizedTensor)
 
