@@ -33,3 +33,17 @@ from blaq_jax.state import quantized_tensors
 from blaq_jax.state import scales
 
 __version__ = "0.1.0"
+
+# STE family (BinaryConnect, BWN, TWN, generic STE) and quantizers.
+from blaq_jax import quantizers
+from blaq_jax.ste import STEState
+from blaq_jax.ste import binary_connect
+from blaq_jax.ste import bwn
+from blaq_jax.ste import ste
+from blaq_jax.ste import twn
+
+# FOGZO and n-SPSA.
+from blaq_jax.fogzo import FOGZOState
+from blaq_jax.fogzo import fogzo
+from blaq_jax.fogzo import fogzo_gradient
+from blaq_jax.fogzo import n_spsa

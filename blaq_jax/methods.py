@@ -8,7 +8,7 @@ n-SPSA's finite differences), so one training step can drive any of them.
 Example:
   >>> import blaq_jax
   >>> sorted(blaq_jax.methods.METHODS)[:3]
-  ['blaq', 'fp', 'laq']
+  ['bc', 'blaq', 'bwn']
   >>> opt = blaq_jax.methods.create("laq", 1e-3, bits=2)
 """
 
@@ -18,7 +18,9 @@ from typing import Callable, Dict
 
 import optax
 
+from blaq_jax import fogzo as _fogzo
 from blaq_jax import loss_aware
+from blaq_jax import ste as _ste
 
 
 def _fp(learning_rate, **kwargs):
@@ -43,3 +45,17 @@ def create(name: str, learning_rate, **kwargs):
   if name not in METHODS:
     raise ValueError(f"Unknown method {name!r}; known: {sorted(METHODS)}.")
   return METHODS[name](learning_rate, **kwargs)
+
+
+# STE family and zeroth-order baselines (blaq_jax.ste, blaq_jax.fogzo).
+
+METHODS.update({
+    "bc": _ste.binary_connect,
+    "bwn": _ste.bwn,
+    "twn": _ste.twn,
+    "ste": _ste.ste,
+    "fogzo": _fogzo.fogzo,
+    "n_spsa": _fogzo.n_spsa,
+})
+NEEDS.update({"bc": (), "bwn": (), "twn": (), "ste": (),
+              "fogzo": ("loss_fn",), "n_spsa": ("loss_fn",)})

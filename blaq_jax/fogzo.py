@@ -1,0 +1,486 @@
+"""FOGZO and n-SPSA: zeroth-order corrections of the straight-through gradient.
+
+FOGZO (Yang & Aamodt, NeurIPS 2025) keeps the straight-through estimator's
+direction but takes its sign and length from finite differences of the
+*quantized* network's loss. Per active step, with the STE gradient ``g`` of
+the quantized leaves (see :mod:`blaq_jax.ste`) and the finite-difference step
+``eps = eps_scale * eps_bar * step`` (``step`` the quantization step ``alpha``
+times the smallest positive level, ``eps_bar`` from the STE's smoothing table
+in :mod:`blaq_jax.quantizers`), in the coordinates ``x = w / eps`` where the
+STE's implied noise has unit variance:
+
+.. math::
+
+  \\hat g = \\frac{\\operatorname{eps} \\odot g}
+                  {\\lVert \\operatorname{eps} \\odot g \\rVert},\\qquad
+  v_i = \\sqrt{\\beta}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta}\\, u_i,
+
+  G = \\frac{1}{n} \\sum_{i=1}^{n}
+      \\frac{L(Q(w + \\operatorname{eps} \\odot v_i))
+             - L(Q(w - \\operatorname{eps} \\odot v_i))}{2}
+      \\; \\frac{v_i}{\\operatorname{eps}}
+
+with ``s_i`` a random sign and ``u_i`` unit-variance noise from the STE's
+matching distribution (:func:`blaq_jax.quantizers.sample_noise`). For one
+scalar ``eps`` this is the paper's ``G = (1/n) sum [L(w + eps v) -
+L(w - eps v)] / (2 eps) v``. ``G`` replaces the STE gradient of the quantized
+leaves in the unchanged inner optimizer; full-precision leaves keep their
+backprop gradients. ``beta = 0`` is n-SPSA (:func:`n_spsa`, the same code).
+
+Choices left open by the paper (``FOGZO.md``), fixed here:
+
+* **norm** (``norm="global"``, default): ``g_hat`` is normalised over all
+  quantized leaves together, so one direction spans the whole quantized
+  parameter vector and each direction costs one pair of forward passes.
+  ``norm="per_layer"`` normalises each leaf's block to length
+  ``sqrt(d_l / d)`` (``d_l`` its size, ``d`` the total): the concatenated
+  direction still has unit length, but layers are weighted by size instead
+  of by their share of the gradient norm.
+* **re-quantization**: the *latent* weights are perturbed and quantized again
+  with the transform's own rule (scale rule included, warm-started from
+  ``q_t``), so ``L(Q(.))`` is the loss the model would really see.
+* **several scales**: with per-leaf or per-channel ``eps`` the estimate is
+  formed in ``x = w / eps`` and mapped back (``v / eps`` above), which keeps
+  ``G`` parallel to ``g`` when ``beta = 1``.
+* **randomness**: a PRNG key in the state (``seed``), split once per step, so
+  runs are reproducible; under ``pmap`` with ``batch_axis_name`` all devices
+  hold the same key (the state is replicated), draw the same directions and
+  average (``lax.pmean``) the finite differences of their shards.
+
+Expectation (exact when ``L o Q`` is quadratic along the directions, e.g. a
+quadratic loss at fine resolution):
+
+.. math::
+
+  E[G_x] = \\left(\\beta\\, \\hat g \\hat g^\\top + (1 - \\beta) I\\right)
+           \\nabla_x L_s .
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from blaq_jax import quantizers
+from blaq_jax import selection
+from blaq_jax.state import cosine
+from blaq_jax.ste import Estimator, ScalarOrSchedule, straight_through
+
+NORMS = ("global", "per_layer")
+Active = Union[int, Callable[[jax.Array], Any]]
+
+
+class FOGZOState(NamedTuple):
+  """State of the estimator of :func:`fogzo` / :func:`n_spsa`.
+
+  Attributes:
+    key: the PRNG key (``jax.random.PRNGKey`` data), split once per step.
+    active: whether the last step used the zeroth-order estimate.
+    beta: ``beta`` of the last step.
+    finite_difference: mean over the directions of
+      ``|L(w + eps v) - L(w - eps v)| / 2`` at the last active step (0 on
+      inactive steps).
+    grad_cosine: cosine between the gradient given to the inner optimizer
+      and the STE gradient, quantized leaves together (1 on STE steps).
+  """
+
+  key: jax.Array
+  active: jax.Array
+  beta: jax.Array
+  finite_difference: jax.Array
+  grad_cosine: jax.Array
+
+
+def _check_unit_interval(name, value):
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return
+  v = np.asarray(value)
+  if v.shape != () or not 0.0 <= float(v) <= 1.0:
+    raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
+
+
+def _check_static_int(name, value, low):
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    raise TypeError(
+        f"{name} must be a static Python int, got a JAX array (a traced or "
+        "injected value). Under optax.inject_hyperparams pass it in "
+        f"static_args, e.g. inject_hyperparams(blaq_jax.fogzo, "
+        f"static_args=('{name}',)).")
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+  return int(value)
+
+
+def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
+                   key, *, beta, n: int = 1, noise: str = "identity",
+                   norm: str = "global", axis_name: Optional[str] = None,
+                   directions_batch: Optional[int] = None):
+  """The FOGZO estimate (module doc) of ``loss`` at ``latent``.
+
+  Args:
+    loss: ``latent-like pytree -> scalar`` (for the transforms: the quantized
+      network's loss on the current minibatch, after re-quantization).
+    latent: pytree of arrays, the point ``w``.
+    ste_grad: pytree like ``latent``, the STE gradient ``g`` (only its
+      direction is used; unused when ``beta = 0``).
+    eps: pytree like ``latent`` of step sizes broadcastable to each leaf.
+    key: a ``jax.random.PRNGKey``.
+    beta: weight of the STE direction in ``[0, 1]`` (``0``: n-SPSA).
+    n: number of directions (``2 n`` evaluations of ``loss``).
+    noise: surrogate whose noise distribution to draw ``u`` from.
+    norm: ``"global"`` or ``"per_layer"`` normalisation of ``g``.
+    axis_name: if set, the finite differences are averaged over this
+      ``pmap``/``shard_map`` axis.
+    directions_batch: evaluate this many directions at once under ``vmap``
+      (``None``: one at a time, a ``lax.scan``).
+
+  Returns:
+    ``(G, fds)``: the estimate (pytree like ``latent``) and the ``n`` finite
+    differences ``(L(w + eps v_i) - L(w - eps v_i)) / 2``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from blaq_jax.fogzo import fogzo_gradient
+    >>> loss = lambda w: jnp.sum(w["a"] ** 2)  # gradient 2 w
+    >>> w = {"a": jnp.array([1.0, -2.0])}
+    >>> G, fds = fogzo_gradient(loss, w, {"a": jnp.array([0.5, -1.0])},
+    ...                         {"a": 0.1}, jax.random.PRNGKey(0), beta=1.0)
+    >>> # beta = 1: the gradient projected on the STE direction, (2, -4)
+    >>> jnp.round(G["a"], 4).tolist()
+    [2.0, -4.0]
+  """
+  n = _check_static_int("n", n, 1)
+  if directions_batch is not None:
+    directions_batch = _check_static_int("directions_batch",
+                                         directions_batch, 1)
+  quantizers.check_surrogate(noise, where="noise")
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  _check_unit_interval("beta", beta)
+  w, treedef = jax.tree.flatten(latent)
+  w = [x.astype(jnp.float32) for x in w]
+  g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(ste_grad)]
+  e = [jnp.broadcast_to(jnp.asarray(x, jnp.float32), y.shape)
+       for x, y in zip(treedef.flatten_up_to(eps), w)]
+  gx = [a * b for a, b in zip(g, e)]
+
+  def unit(xs, scale=1.0):
+    norm2 = sum((jnp.vdot(x, x) for x in xs), jnp.float32(0))
+    inv = jnp.where(norm2 > 0, scale / jnp.sqrt(jnp.where(norm2 > 0, norm2,
+                                                          1.0)), 0.0)
+    return [x * inv for x in xs]
+
+  if norm == "global":
+    g_hat = unit(gx)
+  else:
+    total = float(sum(x.size for x in w))
+    g_hat = [unit([x], math.sqrt(x.size / total))[0] for x in gx]
+  beta = jnp.asarray(beta, jnp.float32)
+  sb, sn = jnp.sqrt(beta), jnp.sqrt(1.0 - beta)
+
+  def direction(k):
+    ks, ku = jax.random.split(k)
+    s = jax.random.rademacher(ks, (), jnp.float32)
+    return [sb * s * gh + sn * quantizers.sample_noise(
+        noise, jax.random.fold_in(ku, j), x.shape)
+            for j, (gh, x) in enumerate(zip(g_hat, w))]
+
+  def evaluate(v):
+    def at(sign):
+      value = loss(treedef.unflatten(
+          [x + sign * ei * vi for x, ei, vi in zip(w, e, v)]))
+      if jnp.shape(value) != ():
+        raise ValueError(f"loss_fn must return a scalar, got shape "
+                         f"{jnp.shape(value)}.")
+      return jnp.asarray(value, jnp.float32)
+    fd = (at(1.0) - at(-1.0)) / 2
+    return jax.lax.pmean(fd, axis_name) if axis_name is not None else fd
+
+  keys = jax.random.split(key, n)
+  zeros = [jnp.zeros_like(x) for x in w]
+  if directions_batch is None or directions_batch == 1:
+    def body(acc, k):
+      v = direction(k)
+      fd = evaluate(v)
+      return [a + fd * vi for a, vi in zip(acc, v)], fd
+    acc, fds = jax.lax.scan(body, zeros, keys)
+  else:
+    fds = jax.lax.map(lambda k: evaluate(direction(k)), keys,
+                      batch_size=directions_batch)
+    acc, _ = jax.lax.scan(
+        lambda acc, kf: ([a + kf[1] * vi for a, vi in
+                          zip(acc, direction(kf[0]))], None),
+        zeros, (keys, fds))
+  out = [a / (n * ei) for a, ei in zip(acc, e)]
+  return treedef.unflatten(out), fds
+
+
+def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
+                  active, seed, batch_axis_name, directions_batch, who):
+  """The :class:`blaq_jax.ste.Estimator` of FOGZO / n-SPSA."""
+
+  def beta_at(count):
+    if beta is not None:
+      return jnp.asarray(beta(count) if callable(beta) else beta,
+                         jnp.float32)
+    t = jnp.asarray(count, jnp.float32)
+    steps = jnp.asarray(beta_decay_steps, jnp.float32)
+    frac = jnp.where(steps > 0, jnp.minimum(t / jnp.maximum(steps, 1.0), 1.0),
+                     1.0)
+    return 1.0 - (1.0 - jnp.asarray(beta_min, jnp.float32)) * frac
+
+  def is_active(count):
+    """True, False, or a traced bool (then the step uses lax.cond)."""
+    if callable(active):
+      on = active(count)
+      return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
+          on, jnp.bool_)
+    if isinstance(active, (int, np.integer)) and active == 1:
+      return True
+    return count % active == 0
+
+  def init():
+    z = jnp.zeros([], jnp.float32)
+    return FOGZOState(key=jax.random.PRNGKey(seed),
+                      active=jnp.zeros([], jnp.bool_), beta=z,
+                      finite_difference=z, grad_cosine=z)
+
+  def update(state, *, count, grads, latent, steps, surrogate,
+             perturbed_params, extra_args):
+    loss_fn = extra_args.get("loss_fn")
+    if loss_fn is None:
+      raise ValueError(
+          f"{who} needs the keyword argument loss_fn: update(grads, state, "
+          "params, loss_fn=fn) with fn(params) -> scalar, the loss on the "
+          "same minibatch as grads (two extra forward passes per direction).")
+    key, sub = jax.random.split(state.key)
+    b = beta_at(count)
+    eps = [eps_scale * quantizers.EPS_BAR[surrogate] * s for s in steps]
+
+    def zo(_):
+      est, fds = fogzo_gradient(
+          lambda ws: loss_fn(perturbed_params(ws)), latent, grads, eps, sub,
+          beta=b, n=n, noise=surrogate, norm=norm, axis_name=batch_axis_name,
+          directions_batch=directions_batch)
+      return est, jnp.mean(jnp.abs(fds))
+
+    def plain(_):
+      return list(grads), jnp.zeros([], jnp.float32)
+
+    on = is_active(count)
+    if on is True:
+      est, fd = zo(None)
+    elif on is False:
+      est, fd = plain(None)
+    else:
+      est, fd = jax.lax.cond(on, zo, plain, None)
+    return est, FOGZOState(key=key, active=jnp.asarray(on, jnp.bool_),
+                           beta=b, finite_difference=fd,
+                           grad_cosine=cosine(est, grads))
+
+  return Estimator(init, update)
+
+
+def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
+                  eps_scale, norm, active, seed, batch_axis_name,
+                  directions_batch, who, **ste_kwargs):
+  n = _check_static_int("n", n, 1)
+  if directions_batch is not None:
+    directions_batch = _check_static_int("directions_batch",
+                                         directions_batch, 1)
+  if beta is not None:
+    _check_unit_interval("beta", beta)
+  _check_unit_interval("beta_min", beta_min)
+  if not isinstance(beta_decay_steps, (jax.Array, jax.core.Tracer)):
+    _check_static_int("beta_decay_steps", beta_decay_steps, 0)
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  if not isinstance(eps_scale, jax.core.Tracer) and not (
+      np.ndim(eps_scale) == 0 and float(eps_scale) > 0):
+    raise ValueError(f"eps_scale must be a positive scalar, got "
+                     f"{eps_scale!r}.")
+  if isinstance(active, (bool, np.bool_)) or not (
+      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
+      or (isinstance(active, (int, np.integer)) and active >= 1)):
+    raise ValueError(
+        "active must be a positive int period (1 = every step) or a callable "
+        f"step -> bool, got {active!r}.")
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(
+      seed, (int, np.integer, jax.Array)):
+    raise TypeError(f"seed must be an int, got {seed!r}.")
+  est = _zo_estimator(beta=beta, beta_min=beta_min,
+                      beta_decay_steps=beta_decay_steps, n=n,
+                      eps_scale=eps_scale, norm=norm, active=active,
+                      seed=seed, batch_axis_name=batch_axis_name,
+                      directions_batch=directions_batch, who=who)
+  return straight_through(learning_rate, estimator=est, who=who,
+                          **ste_kwargs)
+
+
+def fogzo(
+    learning_rate: Optional[ScalarOrSchedule],
+    *,
+    beta_min: float = 0.999,
+    beta_decay_steps: int = 0,
+    beta: Optional[ScalarOrSchedule] = None,
+    n: int = 1,
+    eps_scale: float = 1.0,
+    norm: str = "global",
+    active: Active = 1,
+    seed: int = 0,
+    batch_axis_name: Optional[str] = None,
+    directions_batch: Optional[int] = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    quantizer: str = "sign",
+    bits: Optional[int] = None,
+    level_set: str = "linear",
+    surrogate: Optional[str] = None,
+    scale: quantizers.Scale = "fit",
+    threshold: float = 0.7,
+    quantize: selection.Quantize = None,
+    channel_axis: Optional[int] = None,
+    clip_latent: Optional[float] = None,
+    diagnostics: bool = True,
+    tol: float = 1e-6,
+    max_iter: int = 20,
+) -> optax.GradientTransformationExtraArgs:
+  """First-order-guided zeroth-order training (Yang & Aamodt, 2025).
+
+  :func:`blaq_jax.ste` whose STE gradient of the quantized leaves is replaced
+  on active steps by the FOGZO estimate ``G`` (module doc); ``update`` needs
+  the keyword argument ``loss_fn(params) -> scalar``, the loss on the same
+  minibatch as the gradient, and calls it ``2 n`` times.
+
+  .. math::
+
+    v_i = \\sqrt{\\beta_t}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta_t}\\, u_i,
+    \\qquad
+    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i) - L(w - \\epsilon
+    v_i)}{2 \\epsilon} v_i
+
+  Args:
+    learning_rate: of the default inner Adam.
+    beta_min: ``beta`` decays linearly from 1 to ``beta_min`` over
+      ``beta_decay_steps`` steps and stays there (``0`` steps: constant
+      ``beta_min``). The paper's MNIST run: 0.999; for ``d`` weights
+      ``1 - beta`` should be of order ``1 / d``.
+    beta_decay_steps: length of the decay (e.g. the training length).
+    beta: overrides the schedule: a float in ``[0, 1]`` or a schedule of the
+      step count.
+    n: number of random directions per active step (static int >= 1).
+    eps_scale: multiplies ``eps = eps_bar * step``.
+    norm: ``"global"`` (default) or ``"per_layer"`` normalisation of the
+      STE direction (module doc).
+    active: when to use FOGZO: an int period (1 = every step) or a callable
+      ``step -> bool``, e.g. ``lambda s: s % 10 < 3`` (30% of the steps) or
+      ``lambda s: s >= 7000`` (the last 30% of 10 000). Other steps are plain
+      STE steps and call no ``loss_fn``.
+    seed: seed of the PRNG key kept in the state.
+    batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis
+      over which the finite differences are averaged.
+    directions_batch: evaluate that many directions at once with ``vmap``
+      (faster for large ``n``; ``loss_fn`` must be vmappable).
+    optimizer, quantizer, bits, level_set, surrogate, scale, threshold,
+      quantize, channel_axis, clip_latent, diagnostics, tol, max_iter: as in
+      :func:`blaq_jax.ste`; the surrogate also picks ``eps_bar`` and the
+      noise.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`blaq_jax.ste.STEState` with a :class:`FOGZOState` estimator.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, blaq_jax
+    >>> target = jnp.array([[0.7, -0.6], [0.9, -0.8]])
+    >>> loss = lambda p: jnp.sum((p["kernel"] - target) ** 2)
+    >>> params = {"kernel": jnp.array([[0.1, 0.2], [-0.1, 0.1]])}
+    >>> opt = blaq_jax.fogzo(0.05, beta_min=0.9, seed=0)
+    >>> state = opt.init(params)
+    >>> for _ in range(30):
+    ...   updates, state = opt.update(jax.grad(loss)(params), state, params,
+    ...                               loss_fn=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> jnp.sign(params["kernel"]).tolist()
+    [[1.0, -1.0], [1.0, -1.0]]
+  """
+  return _zeroth_order(
+      learning_rate, beta=beta, beta_min=beta_min,
+      beta_decay_steps=beta_decay_steps, n=n, eps_scale=eps_scale, norm=norm,
+      active=active, seed=seed, batch_axis_name=batch_axis_name,
+      directions_batch=directions_batch, who="fogzo", optimizer=optimizer,
+      quantizer=quantizer, bits=bits, level_set=level_set,
+      surrogate=surrogate, scale=scale, threshold=threshold,
+      quantize=quantize, channel_axis=channel_axis, clip_latent=clip_latent,
+      diagnostics=diagnostics, tol=tol, max_iter=max_iter)
+
+
+def n_spsa(
+    learning_rate: Optional[ScalarOrSchedule],
+    *,
+    n: int = 1,
+    eps_scale: float = 1.0,
+    seed: int = 0,
+    batch_axis_name: Optional[str] = None,
+    directions_batch: Optional[int] = None,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    quantizer: str = "sign",
+    bits: Optional[int] = None,
+    level_set: str = "linear",
+    surrogate: Optional[str] = None,
+    scale: quantizers.Scale = "fit",
+    threshold: float = 0.7,
+    quantize: selection.Quantize = None,
+    channel_axis: Optional[int] = None,
+    clip_latent: Optional[float] = None,
+    diagnostics: bool = True,
+    tol: float = 1e-6,
+    max_iter: int = 20,
+) -> optax.GradientTransformationExtraArgs:
+  """n-SPSA: the zeroth-order baseline, :func:`fogzo` with ``beta = 0``.
+
+  .. math::
+
+    G = \\frac{1}{n} \\sum_{i=1}^n
+        \\frac{L(w + \\epsilon u_i) - L(w - \\epsilon u_i)}{2 \\epsilon} u_i
+
+  with ``u_i`` unit-variance noise of the surrogate's distribution and
+  ``eps = eps_scale * eps_bar * step``. The gradient passed to ``update`` is
+  used only for full-precision leaves (pass zeros if there are none and you
+  want to skip the backward pass). Needs ``loss_fn``; the variance grows with
+  the number of weights over ``n``.
+
+  Args:
+    learning_rate, n, eps_scale, seed, batch_axis_name, directions_batch,
+      optimizer, quantizer, bits, level_set, surrogate, scale, threshold,
+      quantize, channel_axis, clip_latent, diagnostics, tol, max_iter: as in
+      :func:`fogzo`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, blaq_jax
+    >>> loss = lambda p: jnp.sum((p["kernel"] - 1.0) ** 2)
+    >>> params = {"kernel": jnp.array([[0.5, -0.5, 0.5]])}
+    >>> opt = blaq_jax.n_spsa(0.1, n=4)
+    >>> state = opt.init(params)
+    >>> zeros = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, state = opt.update(zeros, state, params, loss_fn=loss)
+    >>> bool(state.estimator.active), float(state.estimator.beta)
+    (True, 0.0)
+  """
+  return _zeroth_order(
+      learning_rate, beta=0.0, beta_min=0.0, beta_decay_steps=0, n=n,
+      eps_scale=eps_scale, norm="global", active=1, seed=seed,
+      batch_axis_name=batch_axis_name, directions_batch=directions_batch,
+      who="n_spsa", optimizer=optimizer, quantizer=quantizer, bits=bits,
+      level_set=level_set, surrogate=surrogate, scale=scale,
+      threshold=threshold, quantize=quantize, channel_axis=channel_axis,
+      clip_latent=clip_latent, diagnostics=diagnostics, tol=tol,
+      max_iter=max_iter)
