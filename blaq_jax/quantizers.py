@@ -118,7 +118,7 @@ def surrogate_grad(name: str, x):
   if name == "hardtanh":
     return (jnp.abs(x) <= 1).astype(x.dtype)
   if name == "tanh":
-    return 1 - jnp.tanh(x) ** 2
+    return 1 / jnp.cosh(x) ** 2  # = 1 - tanh^2, accurate in the tails
   return jnp.maximum(0.0, 2 - 2 * jnp.abs(x)).astype(x.dtype)
 
 
@@ -169,6 +169,7 @@ def quantize_latent(w, level_set: LevelSet, scale: Scale = "fit", *,
   Returns:
     ``(alpha, codes)`` as :func:`blaq_jax.projection.project` returns them.
   """
+  scale = check_scale(scale)
   w = jnp.asarray(w, jnp.float32)
   sshape = scale_shape(w.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
