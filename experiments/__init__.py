@@ -1,0 +1,1 @@
+"""Experiments of blaq_jax: data, models, losses and the training application."""
