@@ -122,10 +122,11 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
     raise ValueError(f"'{path}' is not an unsigned-byte IDX file.")
   ndim = raw[3]
-  dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+  dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim,
+                                             offset=4))
   data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(dims)):
-    raise ValueError(f"'{path}': header says shape {tuple(dims)} but holds "
+    raise ValueError(f"'{path}': header says shape {dims} but holds "
                      f"{data.size} values.")
   return data.reshape(dims)
 

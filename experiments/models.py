@@ -242,9 +242,7 @@ class _BasicBlock(nnx.Module):
     self.bn1 = _bn(out_ch, rngs)
     self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), padding="SAME",
                           use_bias=False, rngs=rngs)
-    # Zero-initialised last scale: each block starts as the identity.
-    self.bn2 = nnx.BatchNorm(out_ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             scale_init=nnx.initializers.zeros, rngs=rngs)
+    self.bn2 = _bn(out_ch, rngs)
     if stride != 1 or in_ch != out_ch:
       self.proj = nnx.Conv(in_ch, out_ch, (1, 1), strides=stride,
                            use_bias=False, rngs=rngs)
