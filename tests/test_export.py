@@ -1,0 +1,348 @@
+"""Tests of bit packing, the packed export / load round trip and summary."""
+
+import json
+import math
+import pathlib
+import struct
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blaq_jax
+from blaq_jax import packing
+from blaq_jax.export import ExportError, read_export
+from blaq_jax.selection import path_str
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_bits_numpy_and_jnp_agree_and_round_trip(bits):
+  rng = np.random.default_rng(bits)
+  pack_jit = jax.jit(packing.pack_bits_jnp, static_argnums=1)
+  unpack_jit = jax.jit(packing.unpack_bits_jnp, static_argnums=(1, 2))
+  for n in (1, 3, 7, 8, 9, 15, 64, 101):
+    codes = rng.integers(0, 2 ** bits, n).astype(np.uint8)
+    packed = packing.pack_bits(codes, bits)
+    assert packed.dtype == np.uint8
+    assert packed.shape == (math.ceil(n * bits / 8),)
+    np.testing.assert_array_equal(packing.unpack_bits(packed, bits, n), codes)
+    np.testing.assert_array_equal(np.asarray(pack_jit(codes, bits)), packed)
+    np.testing.assert_array_equal(
+        np.asarray(unpack_jit(jnp.asarray(packed), bits, n)), codes)
+
+
+def test_pack_bits_layout_is_little_endian_contiguous():
+  # 3-bit codes straddle bytes: code i occupies stream bits 3i..3i+2.
+  codes = np.array([5, 3, 6], np.uint8)
+  stream = "".join(format(int(c), "03b")[::-1] for c in codes)  # LSB first
+  stream += "0" * (-len(stream) % 8)
+  expected = [int(stream[i:i + 8][::-1], 2) for i in range(0, len(stream), 8)]
+  assert packing.pack_bits(codes, 3).tolist() == expected
+
+
+def test_pack_bits_bad_input():
+  with pytest.raises(ValueError, match="do not fit in 2 bits"):
+    packing.pack_bits(np.array([4], np.uint8), 2)
+  with pytest.raises(ValueError, match="unsigned"):
+    packing.pack_bits(np.array([1], np.int32), 2)
+  with pytest.raises(ValueError, match="bits must be"):
+    packing.pack_bits(np.array([1], np.uint8), 9)
+  with pytest.raises(ValueError, match="take 2 bytes"):
+    packing.unpack_bits(np.zeros(3, np.uint8), 1, 9)
+  with pytest.raises(ValueError, match="padding"):
+    packing.unpack_bits(np.array([0, 2], np.uint8), 1, 9)
+
+
+# ---------------------------------------------------------------- export
+
+_SHAPES = {"a/kernel": (3, 5), "b/w": (7,), "c/w": (1,), "d/kernel": (2, 3, 3)}
+
+
+def _tree(seed=0):
+  keys = jax.random.split(jax.random.key(seed), 8)
+  return {
+      "a": {"kernel": jax.random.normal(keys[0], (3, 5)),
+            "bias": jax.random.normal(keys[1], (5,))},
+      "b": {"w": jax.random.normal(keys[2], (7,)),
+            "scale": jax.random.normal(keys[3], (7,)).astype(jnp.bfloat16)},
+      "c": {"w": jax.random.normal(keys[4], (1,))},
+      "d": {"kernel": jax.random.normal(keys[5], (2, 3, 3)).astype(
+          jnp.bfloat16)},
+  }
+
+
+def _rule(path, leaf):
+  return path_str(path) in _SHAPES
+
+
+def _train(params, opt, steps=2, seed=0):
+  state = opt.init(params)
+  loss = lambda p: sum(jnp.sum(jnp.sin(3 * x.astype(jnp.float32)) * (i + 1))
+                       for i, x in enumerate(jax.tree.leaves(p)))
+  grad_fn = jax.grad(loss)
+  for _ in range(steps):
+    updates, state = opt.update(grad_fn(params), state, params,
+                                grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  del seed
+  return params, state
+
+
+def _assert_bit_equal(a, b, name=""):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.dtype == b.dtype and a.shape == b.shape, name
+  np.testing.assert_array_equal(a.reshape(-1).view(np.uint8),
+                                b.reshape(-1).view(np.uint8), name)
+
+
+def _payload_bytes(path):
+  data = pathlib.Path(path).read_bytes()
+  return len(data) - 8 - struct.unpack("<Q", data[:8])[0]
+
+
+_CONFIGS = [("blaq", b) for b in (1, 2, 4, 8)] + [
+    (k, b) for k in ("linear", "log") for b in (2, 4, 8)]
+
+
+@pytest.mark.parametrize("channel_axis", [None, -1])
+@pytest.mark.parametrize("kind,bits", _CONFIGS)
+def test_round_trip_is_bit_exact(tmp_path, kind, bits, channel_axis):
+  make = blaq_jax.blaq if bits == 2 else blaq_jax.laq
+  opt = make(0.05, bits=bits, level_set=kind, quantize=_rule,
+             channel_axis=channel_axis)
+  params, state = _train(_tree(bits), opt)
+  path = blaq_jax.export(tmp_path / "m.safetensors", params, state,
+                         metadata={"run": "test"})
+  expected = blaq_jax.quantized_params(params, state)
+  named = {path_str(p): x
+           for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+
+  flat = blaq_jax.load(path)
+  assert list(flat) == sorted(named)
+  for name, x in named.items():
+    _assert_bit_equal(flat[name], x, name)
+  restored = blaq_jax.load(path, params)
+  assert jax.tree.structure(restored) == jax.tree.structure(params)
+  jax.tree.map(_assert_bit_equal, restored, expected)
+  # The in-memory params are the quantized weights up to apply_updates' ulp.
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x.astype(jnp.float32), restored),
+      jax.tree.map(lambda x: x.astype(jnp.float32), params), rtol=2e-2,
+      atol=1e-6)
+
+  contents = read_export(path)
+  assert contents.metadata == {"run": "test"}
+  assert contents.header["library_version"] == blaq_jax.__version__
+  qts = {path_str(p): t for p, t in jax.tree_util.tree_flatten_with_path(
+      blaq_jax.quantized_tensors(state),
+      is_leaf=lambda x: isinstance(x, blaq_jax.QuantizedTensor))[0]
+         if isinstance(t, blaq_jax.QuantizedTensor)}
+  assert set(qts) == set(_SHAPES)
+  for name, qt in qts.items():
+    leaf = contents.leaves[name]
+    n = math.prod(_SHAPES[name])
+    assert leaf.packed.shape == (math.ceil(n * bits / 8),), name
+    assert leaf.level_set == qt.level_set and leaf.channel_axis == channel_axis
+    np.testing.assert_array_equal(leaf.codes(), np.asarray(qt.codes))
+    _assert_bit_equal(leaf.alpha, qt.alpha, name)
+  # The file holds exactly what summary() counts: packed codes + scales.
+  assert _payload_bytes(path) == blaq_jax.summary(
+      params, state, print_fn=None).packed_bytes
+
+
+def test_export_params_superset_and_load_subset(tmp_path):
+  """Extra leaves (e.g. batch statistics) ride along; strict=False drops them."""
+  opt = blaq_jax.laq(0.05, quantize=_rule)
+  params, state = _train(_tree(), opt)
+  full = {"params": params, "stats": {"mean": jnp.arange(3.0)}}
+  with pytest.raises(ExportError, match="missing from params"):
+    blaq_jax.export(tmp_path / "x.safetensors", full, state)
+  both = dict(params, stats={"mean": jnp.arange(3.0)})
+  path = blaq_jax.export(tmp_path / "m.safetensors", both, state)
+  with pytest.raises(ExportError, match=r"not in params_like: \['stats/mean'\]"):
+    blaq_jax.load(path, params)
+  sub = blaq_jax.load(path, params, strict=False)
+  jax.tree.map(_assert_bit_equal, sub,
+               blaq_jax.quantized_params(params, state))
+  abstract = jax.eval_shape(lambda: both)
+  np.testing.assert_array_equal(blaq_jax.load(path, abstract)["stats"]["mean"],
+                                np.arange(3.0))
+
+
+def test_export_without_state_stores_full_precision(tmp_path):
+  params = _tree()
+  path = blaq_jax.export(tmp_path / "fp.safetensors", params, None)
+  jax.tree.map(_assert_bit_equal, blaq_jax.load(path, params), params)
+  assert _payload_bytes(path) == sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  opt = blaq_jax.laq(0.05, bits=1, quantize=_rule)
+  params, state = _train(_tree(), opt)
+  path = blaq_jax.export(tmp_path_factory.mktemp("exp") / "m.safetensors",
+                         params, state)
+  return path, params, state
+
+
+def test_export_rejects_params_from_another_step(tmp_path, exported):
+  _, params, state = exported
+  stale = jax.tree.map(lambda x: -x, params)
+  with pytest.raises(ExportError, match="'a/kernel' is not the quantized"):
+    blaq_jax.export(tmp_path / "s.safetensors", stale, state)
+  assert not (tmp_path / "s.safetensors").exists()
+  with pytest.raises(ExportError, match="JSON"):
+    blaq_jax.export(tmp_path / "s.safetensors", params, state,
+                    metadata={"x": object()})
+
+
+def _corrupt(src, dst, fn):
+  data = bytearray(pathlib.Path(src).read_bytes())
+  pathlib.Path(dst).write_bytes(bytes(fn(data)))
+  return dst
+
+
+def test_corrupted_payload_byte(tmp_path, exported):
+  path = exported[0]
+
+  def flip(data):
+    data[-3] ^= 0x10
+    return data
+
+  bad = _corrupt(path, tmp_path / "bad.safetensors", flip)
+  with pytest.raises(ExportError, match="fails its SHA-256 checksum"):
+    blaq_jax.load(bad)
+
+
+@pytest.mark.parametrize("keep", [0, 5, 40, -1])
+def test_truncated_file(tmp_path, exported, keep):
+  path = exported[0]
+  size = path.stat().st_size
+  cut = size - 1 if keep == -1 else keep
+  bad = _corrupt(path, tmp_path / "cut.safetensors", lambda d: d[:cut])
+  with pytest.raises(ExportError, match="truncated|corrupt"):
+    blaq_jax.load(bad)
+
+
+def _rewrite_header(src, dst, edit):
+  data = pathlib.Path(src).read_bytes()
+  n = struct.unpack("<Q", data[:8])[0]
+  head = json.loads(data[8:8 + n])
+  header = json.loads(head["__metadata__"]["blaq_jax"])
+  edit(header)
+  text = json.dumps(header, sort_keys=True)
+  import hashlib  # pylint: disable=g-import-not-at-top
+  head["__metadata__"]["blaq_jax"] = text
+  head["__metadata__"]["blaq_jax_sha256"] = hashlib.sha256(
+      text.encode()).hexdigest()
+  raw = json.dumps(head).encode()
+  raw += b" " * (-len(raw) % 8)
+  pathlib.Path(dst).write_bytes(struct.pack("<Q", len(raw)) + raw
+                                + data[8 + n:])
+  return dst
+
+
+def test_newer_format_version(tmp_path, exported):
+  bad = _rewrite_header(exported[0], tmp_path / "new.safetensors",
+                        lambda h: h.update(format_version=99))
+  with pytest.raises(ExportError, match="newer blaq_jax"):
+    blaq_jax.load(bad)
+  # Unchanged but re-encoded header still loads: the edit is what fails.
+  same = _rewrite_header(exported[0], tmp_path / "same.safetensors",
+                         lambda h: None)
+  assert set(blaq_jax.load(same)) == set(blaq_jax.load(exported[0]))
+
+
+def test_header_edit_without_checksum_is_detected(tmp_path, exported):
+  path = exported[0]
+  data = path.read_bytes()
+  bad = data.replace(b'\\"bits\\": 1', b'\\"bits\\": 2', 1)
+  assert bad != data
+  (tmp_path / "h.safetensors").write_bytes(bad)
+  with pytest.raises(ExportError, match="header fails its checksum"):
+    blaq_jax.load(tmp_path / "h.safetensors")
+
+
+def test_mismatched_params_like(exported):
+  path, params, _ = exported
+  missing = dict(params, e={"w": jnp.zeros(2)})
+  with pytest.raises(ExportError, match=r"missing from the file: \['e/w'\]"):
+    blaq_jax.load(path, missing)
+  extra = {k: v for k, v in params.items() if k != "c"}
+  with pytest.raises(ExportError, match=r"not in params_like: \['c/w'\]"):
+    blaq_jax.load(path, extra)
+  shape = jax.tree.map(lambda x: x, params)
+  shape["a"]["kernel"] = jnp.zeros((5, 3))
+  with pytest.raises(ExportError, match=r"'a/kernel' is float32\[3, 5\] in the "
+                     r"file but float32\[5, 3\]"):
+    blaq_jax.load(path, shape)
+  dtype = jax.tree.map(lambda x: x, params)
+  dtype["b"]["scale"] = dtype["b"]["scale"].astype(jnp.float32)
+  with pytest.raises(ExportError, match="'b/scale' is bfloat16"):
+    blaq_jax.load(path, dtype)
+
+
+def test_not_an_export(tmp_path):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  p = tmp_path / "plain.safetensors"
+  p.write_bytes(safetensors.numpy.save({"x": np.zeros(3, np.float32)}))
+  with pytest.raises(ExportError, match="not a blaq_jax export"):
+    blaq_jax.load(p)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _mnist_mlp_shapes():
+  sizes = (784, 2048, 2048, 2048, 10)
+  return {f"dense_{i}": {
+      "kernel": jax.ShapeDtypeStruct((a, b), jnp.float32),
+      "bias": jax.ShapeDtypeStruct((b,), jnp.float32)}
+          for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+
+
+@pytest.mark.parametrize("channel_axis", [None, -1])
+def test_summary_mnist_mlp_one_bit(channel_axis):
+  printed = []
+  s = blaq_jax.summary(_mnist_mlp_shapes(), bits=1, channel_axis=channel_axis,
+                       print_fn=printed.append)
+  sizes = (784, 2048, 2048, 2048, 10)
+  kernels = [(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+  n_q = sum(a * b for a, b in kernels)
+  n_scales = sum(b if channel_axis == -1 else 1 for _, b in kernels)
+  packed_q = sum(math.ceil(a * b / 8) for a, b in kernels) + 4 * n_scales
+  n_bias = sum(sizes[1:])
+  assert s.quantized_params == n_q
+  assert s.quantized_float32_bytes == 4 * n_q
+  assert s.quantized_packed_bytes == packed_q
+  assert s.packed_bytes == packed_q + 4 * n_bias
+  assert s.float32_bytes == 4 * (n_q + n_bias)
+  assert s.quantized_ratio == pytest.approx(4 * n_q / packed_q)
+  # 1 bit + 4 bytes of scale per tensor (or per output channel).
+  assert (31.99 if channel_axis is None else 31.3) < s.quantized_ratio < 32
+  assert s.ratio < s.quantized_ratio
+  rows = {r.name: r for r in s.rows}
+  assert rows["dense_1/kernel"].bits == 1 and rows["dense_1/bias"].bits == 0
+  assert rows["dense_3/kernel"].packed_bytes == math.ceil(2048 * 10 / 8) + 4 * (
+      10 if channel_axis == -1 else 1)
+  assert printed == [s.text] and "dense_0/kernel" in str(s)
+  assert f"{s.quantized_ratio:.2f}x" in s.text
+
+
+def test_summary_from_state_matches_rule():
+  opt = blaq_jax.laq(0.05, bits=2, level_set="linear", quantize=_rule,
+                     channel_axis=-1)
+  params = _tree()
+  state = opt.init(params)
+  from_state = blaq_jax.summary(params, state, print_fn=None)
+  from_rule = blaq_jax.summary(params, quantize=_rule, bits=2,
+                               level_set="linear", channel_axis=-1,
+                               print_fn=None)
+  assert from_state == from_rule
+  bf16 = {r.name: r for r in from_state.rows}["b/scale"]
+  assert bf16.bits == 0 and bf16.packed_bytes == 2 * 7
