@@ -95,6 +95,8 @@ def _find_original(data_dir: pathlib.Path, name: str,
                    fname: str) -> pathlib.Path:
   # Either <data_dir>/<name>/<file> or data_dir pointing at <name> itself.
   candidates = [data_dir / name / fname, data_dir / fname]
+  if data_dir.name == name:
+    candidates = candidates[::-1]
   for path in candidates:
     if path.is_file():
       return path
@@ -183,6 +185,8 @@ def load_mnist(data_dir=None, name: str = "mnist") -> Splits:
     raise ValueError(f"load_mnist: name must be one of {sorted(CHECKSUMS)}, "
                      f"got {name!r}.")
   data_dir = pathlib.Path(data_dir or default_data_dir()).expanduser()
+  if (data_dir / name).is_dir():  # One cache entry for both spellings.
+    data_dir = data_dir / name
   return _load_mnist_cached(str(data_dir.resolve()), name)
 
 

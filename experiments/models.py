@@ -171,9 +171,9 @@ class LeNet5(_ConvNet):
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> net = LeNet5(channels=(4, 4), hidden=(8,), rngs=nnx.Rngs(0))
-    >>> net(jnp.ones((2, 28, 28, 1))).shape
-    (2, 10)
+    >>> net = nnx.eval_shape(lambda: LeNet5(rngs=nnx.Rngs(0)))  # abstract
+    >>> net.head_mlp.dense[0].kernel.shape  # 50 maps of 7x7 -> 500
+    (2450, 500)
   """
 
   def __init__(self, *, num_classes: int = 10, rngs: nnx.Rngs,
@@ -223,8 +223,9 @@ class SVHNNet(VGGSmall):
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> SVHNNet(width=1 / 32, rngs=nnx.Rngs(0))(jnp.ones((1, 32, 32, 3))).shape
-    (1, 10)
+    >>> net = nnx.eval_shape(lambda: SVHNNet(rngs=nnx.Rngs(0)))
+    >>> [block.conv[1].kernel.shape[-1] for block in net.blocks]
+    [64, 128, 256]
   """
 
   def __init__(self, *, num_classes: int = 10, rngs: nnx.Rngs,
@@ -275,8 +276,9 @@ class ResNet18(nnx.Module):
   Examples:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> net = ResNet18(width=4, num_classes=5, rngs=nnx.Rngs(0))
-    >>> net(jnp.ones((2, 32, 32, 3))).shape
+    >>> net = ResNet18(width=4, num_classes=5, stage_sizes=(1, 1),
+    ...                stem="cifar", rngs=nnx.Rngs(0))
+    >>> net(jnp.ones((2, 8, 8, 3))).shape
     (2, 5)
   """
 
