@@ -49,5 +49,5 @@ from blaq_jax.fogzo import fogzo_gradient
 from blaq_jax.fogzo import n_spsa
 
 # Packed low-bit export, loading and size summary.
-from blaq_jax.export import export, load
+from blaq_jax.export import export, load, read_export
 from blaq_jax.summary import summary
