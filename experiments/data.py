@@ -265,22 +265,40 @@ def _import_tfds():
   return tfds
 
 
-class _ResizedImages:
-  """Random-access view of a TFDS data source: float32 images of one size.
+class _LazyView:
+  """Random-access view of a TFDS data source; slicing gives a sub-view."""
 
-  Decodes lazily (ImageNet does not fit in memory): the shorter side is
-  resized to ``size`` and the centre ``size x size`` crop kept.
-  """
-
-  def __init__(self, source, size: int):
-    self.source, self.size = source, size
+  def __init__(self, source, indices=None):
+    self.source = source
+    self.indices = (np.arange(len(source)) if indices is None
+                    else np.asarray(indices))
 
   def __len__(self):
-    return len(self.source)
+    return len(self.indices)
+
+  def _sub(self, key):
+    view = object.__new__(type(self))
+    view.__dict__.update(self.__dict__)
+    view.indices = self.indices[key]
+    return view
+
+  def _record(self, i):
+    return self.source[int(self.indices[int(i)])]
+
+
+class _ResizedImages(_LazyView):
+  """Float32 images of one size, decoded lazily (ImageNet does not fit in
+  memory): the shorter side is resized to ``size``, the centre square kept."""
+
+  def __init__(self, source, size: int, indices=None):
+    super().__init__(source, indices)
+    self.size = size
 
   def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self._sub(i)
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    img = Image.fromarray(np.asarray(self.source[int(i)]["image"]))
+    img = Image.fromarray(np.asarray(self._record(i)["image"]))
     scale = self.size / min(img.size)
     img = img.resize((max(self.size, round(img.size[0] * scale)),
                       max(self.size, round(img.size[1] * scale))),
@@ -291,18 +309,14 @@ class _ResizedImages:
     return np.asarray(img, np.float32) / np.float32(255.0)
 
 
-class _Labels:
-  """Random-access labels of a TFDS data source (int32 array on indexing)."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self):
-    return len(self.source)
+class _Labels(_LazyView):
+  """Labels of a TFDS data source (an int32 array for index arrays)."""
 
   def __getitem__(self, idx):
+    if isinstance(idx, slice):
+      return self._sub(idx)
     idx = np.atleast_1d(idx)
-    return np.asarray([self.source[int(i)]["label"] for i in idx], np.int32)
+    return np.asarray([self._record(i)["label"] for i in idx], np.int32)
 
 
 def load_tfds(name: str, data_dir=None, split_spec=None, *,
@@ -335,17 +349,17 @@ def load_tfds(name: str, data_dir=None, split_spec=None, *,
     The splits dict.
   """
   tfds = _import_tfds()
-  builder = tfds.builder(name, data_dir=data_dir)
   if in_memory is None:
     in_memory = name != "imagenet2012"
+  # tfds.data_source needs random access: the array_record file format.
+  builder = tfds.builder(name, data_dir=data_dir, **(
+      {} if in_memory else {"file_format": "array_record"}))
   if name in CHECKSUMS:
     manual = pathlib.Path(manual_dir or default_data_dir() / name)
     config = tfds.download.DownloadConfig(manual_dir=str(manual))
   else:
     config = None
-  file_format = None if in_memory else "array_record"
-  builder.download_and_prepare(download_config=config,
-                               file_format=file_format)
+  builder.download_and_prepare(download_config=config)
   if split_spec is None:
     split_spec = _TFDS_SPLITS.get(name)
   if split_spec is None:

@@ -307,6 +307,31 @@ def test_loader_augmentation_depends_on_epoch_and_batch():
 
 # ---------------------------------------------------------------- TFDS --
 
+def test_lazy_tfds_views_resize_slice_and_load():
+  # A stand-in for tfds.data_source: random access to decoded records of
+  # different image sizes.
+  rng = np.random.default_rng(0)
+  source = [{"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+             "label": k} for k, (h, w) in enumerate(
+                 [(10, 14), (12, 8), (8, 8), (20, 9), (9, 11), (16, 16)])]
+  images, labels = data._ResizedImages(source, 8), data._Labels(source)
+  assert len(images) == 6 and images[0].shape == (8, 8, 3)
+  assert images[0].dtype == np.float32 and 0 <= images[0].min()
+  np.testing.assert_allclose(images[2], source[2]["image"] / 255.0,
+                             atol=1e-6)  # Already 8x8: unchanged.
+  tail_x, tail_y = images[2:], labels[2:]
+  assert len(tail_x) == 4
+  np.testing.assert_array_equal(tail_x[0], images[2])
+  np.testing.assert_array_equal(tail_y[np.array([0, 3])], [2, 5])
+  loader = data.make_loader(tail_x, tail_y, batch_size=2, seed=0,
+                            shard_by_process=False)
+  got = list(loader)
+  assert sorted(np.concatenate([b["label"] for b in got])) == [2, 3, 4, 5]
+  for b in got:
+    for img, k in zip(b["image"], b["label"]):
+      np.testing.assert_array_equal(img, images[k])
+
+
 _HAVE_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 _HAVE_TF = importlib.util.find_spec("tensorflow") is not None
 
