@@ -1,0 +1,59 @@
+"""Tiny-size runs of the benchmark scripts, so that they cannot rot."""
+
+import math
+
+from experiments.bench import common
+from experiments.bench import memory
+from experiments.bench import update_cost
+
+
+def test_update_cost_main_tiny(capsys):
+  rows = update_cost.main(["--params", "tiny", "--bits", "1",
+                           "--repeats", "2", "--methods", "adam,blaq active"])
+  out = capsys.readouterr().out
+  assert "| method |" in out and "measured bandwidth" in out
+  names = [(r["method"], r["bits"]) for r in rows]
+  assert names[0] == ("adam", "-")
+  assert names[1:] == [("blaq active", 1)]
+  adam = rows[0]
+  assert adam["ratio"] == 1.0
+  # Adam's single-pass traffic: reads p, g, mu, nu; writes p, mu, nu
+  # (the count is a few bytes over the whole tree).
+  assert 28 <= adam["bytes_per_param"] < 28.5
+  for r in rows:
+    assert r["ms"] > 0 and math.isfinite(r["ratio"]) and r["gbs"] > 0
+
+
+def test_memory_main_tiny(capsys):
+  rows = memory.main(["--params", "tiny", "--bits", "1",
+                      "--methods", "adam,laq,laq (no diag)"])
+  assert "| method |" in capsys.readouterr().out
+  by = {r["method"]: r for r in rows}
+  # Adam holds two moments; LAQ also the latent copy, codes and prev update.
+  assert by["adam"]["state_per_param"] >= 8
+  assert by["laq"]["state_bytes"] > by["laq (no diag)"]["state_bytes"] > (
+      by["adam"]["state_bytes"])
+  for r in rows:
+    assert r["step_peak"] > 0 and r["update_peak"] > 0
+
+
+def test_interleaved_timing_and_ratios():
+  calls = []
+  samples = common.time_interleaved(
+      {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+      repeats=3, warmup=1)
+  assert [len(v) for v in samples.values()] == [3, 3]
+  assert calls[2:] == ["a", "b", "b", "a", "a", "b"]  # rotated rounds
+  assert common.ratios({"a": [1.0, 2.0, 3.0], "b": [4.0, 4.0, 5.0]},
+                       "a") == {"a": 1.0, "b": 2.0}
+
+
+def test_param_counts():
+  assert common.num_params(common.mlp_params((4, 3, 2))) == (
+      4 * 3 + 3 + 3 * 2 + 2)
+  shapes = common.resnet18_shapes()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = sum(int(np.prod(s)) for s in jax.tree.leaves(
+      shapes, is_leaf=lambda x: isinstance(x, tuple)))
+  assert total == 11_689_512
