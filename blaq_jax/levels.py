@@ -127,7 +127,11 @@ class LevelSet:
     n = self.n
     if self.kind == "log":
       return jnp.where(j == 0, 0.0, jnp.sign(j) * 2.0 ** (jnp.abs(j) - n))
-    return j / n
+    if self.kind == "linear" and n & (n - 1):
+      # n = 3, 7, 15...: XLA may compute j / n as j * (1 / n), an ulp away
+      # from the level; a table lookup gives exactly ``values``.
+      return jnp.asarray(self.values)[(j + n).astype(jnp.int32)]
+    return j / n  # n is a power of two: exact
 
   def nearest(self, x):
     """The level of ``Q`` nearest to each entry of ``x`` (same dtype as x)."""
