@@ -5,7 +5,8 @@ scores (an L2-SVM output layer when trained with the squared hinge loss of
 :mod:`experiments.losses`). As in BinaryConnect and LAB/LAQ, every hidden
 dense or conv layer is followed by batch norm and ReLU, and the output layer
 by a batch norm (``output_bn=True``; the L2-SVM scores then have a learned
-scale and offset). Dense and conv weights are ``kernel`` leaves, so
+scale and offset). A layer followed by batch norm has no bias (the norm's
+offset takes its place). Dense and conv weights are ``kernel`` leaves, so
 :func:`blaq_jax.selection.default_quantize` picks them; biases and batch-norm
 parameters stay full precision.
 
@@ -81,10 +82,14 @@ class MLP(nnx.Module):
                hidden: Sequence[int] = (2048, 2048, 2048),
                in_features: int = 784, output_bn: bool = True):
     sizes = (in_features, *hidden)
-    self.dense = nnx.List([nnx.Linear(a, b, rngs=rngs)
+    # No bias before a batch norm: it would be cancelled by the mean
+    # subtraction, its gradient pure rounding noise that Adam's
+    # normalisation turns into O(lr) random steps.
+    self.dense = nnx.List([nnx.Linear(a, b, use_bias=False, rngs=rngs)
                            for a, b in zip(sizes[:-1], sizes[1:])])
     self.norm = nnx.List([_bn(b, rngs) for b in hidden])
-    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.head = nnx.Linear(sizes[-1], num_classes, use_bias=not output_bn,
+                           rngs=rngs)
     self.head_norm = _bn(num_classes, rngs) if output_bn else None
     self.in_features = in_features
 
@@ -105,7 +110,8 @@ class _ConvBlock(nnx.Module):
   def __init__(self, in_ch: int, out_ch: int, n: int, padding: str,
                rngs: nnx.Rngs):
     chans = (in_ch,) + (out_ch,) * n
-    self.conv = nnx.List([nnx.Conv(a, b, (3, 3), padding=padding, rngs=rngs)
+    self.conv = nnx.List([nnx.Conv(a, b, (3, 3), padding=padding,
+                                   use_bias=False, rngs=rngs)
                           for a, b in zip(chans[:-1], chans[1:])])
     self.norm = nnx.List([_bn(out_ch, rngs) for _ in range(n)])
 
