@@ -22,10 +22,11 @@ Usage::
   python -m experiments.bench.update_cost --params both --bits 1,2
 
 Example:
+  >>> import contextlib, io
   >>> from experiments.bench.update_cost import main
-  >>> rows = main(["--params", "tiny", "--bits", "1", "--repeats", "2",
-  ...              "--methods", "adam,laq", "--no-bandwidth"])  # doctest: +ELLIPSIS
-  ...
+  >>> with contextlib.redirect_stdout(io.StringIO()):  # the printed table
+  ...   rows = main(["--params", "tiny", "--bits", "1", "--repeats", "2",
+  ...                "--methods", "adam,laq", "--no-bandwidth"])
   >>> [r["method"] for r in rows]
   ['adam', 'laq']
 """

@@ -1,0 +1,1 @@
+"""Configurations of :mod:`experiments.train`, one per table of the paper."""

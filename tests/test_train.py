@@ -1,0 +1,291 @@
+"""Tests of the training application (experiments.train, compare, zigzag,
+plots). Runs use an MNIST subset and a narrow MLP so each takes seconds."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import compare as compare_lib
+from experiments import plots
+from experiments import train as train_lib
+from experiments import zigzag
+from experiments.configs import quick
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **overrides):
+  c = quick.get_config()
+  c.data_dir = str(data_dir)
+  c.model_options.hidden = (32, 32)
+  c.train_size = 1000
+  c.validation_size = 200
+  c.test_size = 500
+  c.num_epochs = 1
+  c.num_devices = 1
+  c.progress_bar = False
+  c.write_plots = False
+  c.tensorboard = False
+  c.num_tracked = 8
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def _epochs(workdir):
+  return train_lib.read_jsonl(pathlib.Path(workdir) / "metrics" /
+                              "epochs.jsonl")
+
+
+def _without_timing(records):
+  return [{k: v for k, v in r.items() if k not in train_lib.TIMING_KEYS}
+          for r in records]
+
+
+def test_quick_one_epoch_two_methods_compare(shared_data_dir, tmp_path):
+  config = tiny_config(shared_data_dir, blaq_period_epochs=1,
+                       write_plots=True)
+  table = compare_lib.compare(config, ["laq", "blaq"], [0], str(tmp_path))
+  results = json.loads((tmp_path / "results.json").read_text())
+  steps = 1000 // 100
+  for method, evals in (("laq", steps), ("blaq", 2 * steps)):
+    (summary,) = results[method]
+    assert summary["epochs"] == 1 and summary["step"] == steps
+    assert summary["grad_evals"] == evals  # BLAQ active every step: 2 each
+    assert summary["final_test_accuracy"] > 0.3  # chance is 0.1
+    run = tmp_path / method / "seed_0"
+    for name in ("train_loss", "test_accuracy", "zigzag"):
+      assert (run / "plots" / f"{name}.png").stat().st_size > 0
+    steps_log = train_lib.read_jsonl(run / "metrics" / "steps.jsonl")
+    assert [r["step"] for r in steps_log] == list(range(5, steps + 1, 5))
+    assert all(r["trial_active"] == (method == "blaq") for r in steps_log)
+  assert "| laq |" in table and "| blaq |" in table
+  assert (tmp_path / "results.md").read_text().strip() == table
+  assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_resume_gives_the_same_run(shared_data_dir, tmp_path):
+  # m = 2: BLAQ's two-stage epochs and LAQ epochs both cross the restart.
+  config = tiny_config(shared_data_dir, method="blaq", num_epochs=3,
+                       blaq_period_epochs=2)
+  straight = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+  config.stop_after_epochs = 1  # "interrupted" after epoch 1 ...
+  first = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  assert first["epochs"] == 1
+  config.stop_after_epochs = 0  # ... and resumed to the end.
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  assert _without_timing(_epochs(tmp_path / "b")) == _without_timing(
+      _epochs(tmp_path / "a"))
+  for key in ("final_test_accuracy", "final_train_loss", "grad_evals",
+              "zigzag", "step"):
+    assert resumed[key] == straight[key], key
+  for e in (1, 2, 3):
+    a = np.load(tmp_path / "a" / "zigzag" / f"epoch_{e:04d}.npz")
+    b = np.load(tmp_path / "b" / "zigzag" / f"epoch_{e:04d}.npz")
+    np.testing.assert_array_equal(a["latent"], b["latent"])
+  _, state_a, _ = train_lib.restore_latest(str(tmp_path / "a"), config)
+  _, state_b, _ = train_lib.restore_latest(str(tmp_path / "b"), config)
+  chex.assert_trees_all_equal(state_a, state_b)
+
+
+def test_other_config_is_refused_and_workdir_untouched(shared_data_dir,
+                                                       tmp_path):
+  config = tiny_config(shared_data_dir, method="laq")
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+  other = tiny_config(shared_data_dir, method="blaq", bits=2)
+  with pytest.raises(train_lib.ConfigMismatchError) as err:
+    train_lib.train_and_evaluate(other, str(tmp_path))
+  assert "method: 'laq' (saved) vs 'blaq' (now)" in str(err.value)
+  assert "bits: 1 (saved) vs 2 (now)" in str(err.value)
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+  # Run-control fields may differ: this resumes (nothing left to do).
+  same = tiny_config(shared_data_dir, method="laq", log_every_steps=3,
+                     eval_batch_size=128)
+  assert train_lib.train_and_evaluate(same, str(tmp_path))["epochs"] == 1
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(shared_data_dir):
+  assert jax.device_count() == 8  # the root conftest's fake CPU devices
+  config = tiny_config(shared_data_dir, num_devices=0, batch_size=100)
+  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+    train_lib.make_mesh(config)
+  config.batch_size = 96
+  assert train_lib.make_mesh(config).devices.size == 8
+
+
+def test_data_parallel_matches_one_device(shared_data_dir, tmp_path):
+  runs = {}
+  for n in (1, 4):
+    config = tiny_config(shared_data_dir, method="laq", num_devices=n,
+                         num_tracked=0)
+    setup = train_lib.Setup(config)
+    state = setup.place(setup.init_state)
+    x, y = setup.splits["train"]
+    batch = {"image": x[:100], "label": y[:100]}
+    losses = []
+    for _ in range(3):
+      state, m = setup.jit_train_step(
+          state, train_lib.global_batch(setup.mesh, batch))
+      losses.append(float(m["loss"]))
+    kernel = state["params"]["dense"][0]["kernel"]
+    assert len(kernel.sharding.device_set) == n  # replicated over the mesh
+    runs[n] = (losses, jax.device_get(state["params"]))
+  np.testing.assert_allclose(runs[1][0], runs[4][0], rtol=1e-5)
+  chex.assert_trees_all_close(runs[1][1], runs[4][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("method,bits", [
+    ("fp", 1), ("bc", 1), ("bwn", 1), ("twn", 2), ("ste", 2), ("laq", 2),
+    ("blaq", 1), ("fogzo", 1), ("n_spsa", 1)])
+def test_every_method_trains_on_its_level_set(shared_data_dir, method, bits):
+  config = tiny_config(shared_data_dir, method=method, bits=bits,
+                       train_size=300, num_tracked=0)
+  setup = train_lib.Setup(config)
+  state = setup.place(setup.init_state)
+  x, y = setup.splits["train"]
+  for i in range(3):
+    batch = {"image": x[100 * i:100 * (i + 1)],
+             "label": y[100 * i:100 * (i + 1)]}
+    state, m = setup.jit_train_step(state,
+                                    train_lib.global_batch(setup.mesh, batch))
+    assert np.isfinite(float(m["loss"]))
+  kernel = np.asarray(state["params"]["dense"][0]["kernel"])
+  levels = np.unique(np.abs(kernel))
+  if method == "fp":
+    assert levels.size > 100
+  else:  # one scale per tensor: at most 2^(bits-1) magnitudes (+ zero), up
+    # to the ulp of ``p + (q - p)`` in apply_updates.
+    levels = levels[levels > 0]
+    distinct = levels[np.concatenate(
+        [[True], np.diff(levels) > 2 * np.spacing(levels[1:])])]
+    assert distinct.size <= 2 ** (bits - 1), levels
+  if method in ("fogzo", "n_spsa"):
+    assert int(m["loss_evals"]) == 2 * config.fogzo.n
+
+
+def test_method_bits_mismatch_is_a_clear_error():
+  config = quick.get_config()
+  config.method, config.bits = "twn", 1
+  with pytest.raises(ValueError, match="ternary"):
+    train_lib.make_optimizer(config, 10, 100)
+  config.method = "nope"
+  with pytest.raises(ValueError, match="Unknown config.method 'nope'"):
+    train_lib.make_optimizer(config, 10, 100)
+
+
+def test_export_then_eval_from_export_matches_checkpoint(shared_data_dir,
+                                                         tmp_path):
+  config = tiny_config(shared_data_dir, method="laq", bits=2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  path = train_lib.export_checkpoint(str(tmp_path), config)
+  from_ckpt = train_lib.evaluate_workdir(str(tmp_path), config)
+  from_export = train_lib.evaluate_workdir(str(tmp_path), config,
+                                           from_export=path)
+  assert from_export == from_ckpt
+  assert from_ckpt["test_accuracy"] == _epochs(tmp_path)[-1]["test_accuracy"]
+
+
+def test_cli_train_with_overrides_then_eval(shared_data_dir, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  workdir = str(tmp_path / "run")
+  common = ["--workdir", workdir]
+  overrides = [f"--config.data_dir={shared_data_dir}",
+               "--config.model_options.hidden=(16,)",
+               "--config.train_size=400", "--config.test_size=200",
+               "--config.validation_size=0", "--config.num_epochs=1",
+               "--config.method=bwn", "--config.progress_bar=False",
+               "--config.write_plots=False", "--config.tensorboard=False"]
+  cmd = [sys.executable, "-m", "experiments.train", "--config",
+         str(REPO / "experiments" / "configs" / "quick.py"), *common,
+         *overrides]
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["method"] == "bwn" and saved["model_options"]["hidden"] == [16]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["step"] == 4  # 400 examples / batch 100 over 4 devices
+  out = subprocess.run([sys.executable, "-m", "experiments.train", "eval",
+                        *common], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout[out.stdout.index("{"):])
+  assert result["test_accuracy"] == summary["final_test_accuracy"]
+
+
+# ------------------------------------------------------- zig-zag, plots --
+
+def test_table1_stats_of_a_known_trace():
+  t = np.arange(20)
+  zig = 0.3 + 0.02 * (-1.0) ** t          # amplitude 0.02, turns each step
+  drift = -0.5 + 0.01 * t                  # no turning point
+  latent = np.stack([zig, drift], axis=1)
+  codes = (latent > 0.31).astype(float)    # zig flips every step
+  stats = zigzag.table1_stats(latent, codes)
+  assert stats["amplitude"] == pytest.approx(0.02)
+  assert stats["amplitude_mean"] == pytest.approx(0.01)
+  assert stats["frequency"] == pytest.approx(19 / 2)
+  assert stats["frequency_max"] == 19
+  with pytest.raises(ValueError, match="must match"):
+    zigzag.table1_stats(latent, codes[:, :1])
+
+
+def test_choose_tracked_draws_from_quantized_leaves_only():
+  params = {"a": {"bias": np.zeros(5), "kernel": np.zeros((4, 3))},
+            "b": {"kernel": np.zeros((2, 2))}}
+  tracked = zigzag.choose_tracked(params, [0, 1, 1], num=10, seed=0)
+  assert tracked == zigzag.choose_tracked(params, [0, 1, 1], 10, 0)
+  assert len(set(tracked)) == 10
+  assert all(leaf in (1, 2) and idx < (12 if leaf == 1 else 4)
+             for leaf, idx in tracked)
+  values = zigzag.gather_tracked(
+      jax.tree.map(lambda x: jnp.arange(x.size).reshape(x.shape), params),
+      tracked)
+  np.testing.assert_array_equal(values, [i for _, i in tracked])
+
+
+def test_toy_trajectories_newton_step_and_binary_points(tmp_path):
+  paths = plots.toy_trajectories(start=(-0.05, 0.06), steps=10)
+  for p in paths.values():
+    np.testing.assert_allclose(p["latent"][0], [-0.05, 0.06])
+    q = p["quantized"]
+    np.testing.assert_allclose(np.abs(q[:, 0]), np.abs(q[:, 1]), rtol=1e-6)
+  # LAQ with the exact Hessian and no momentum: w1 = w0 - H^-1 grad(q0).
+  q0 = paths["laq"]["quantized"][0]
+  grad = np.array([10 * (q0[0] - 0.054), 2 * (q0[1] + 0.055)])
+  np.testing.assert_allclose(paths["laq"]["latent"][1],
+                             np.array([-0.05, 0.06]) - grad / [10.0, 2.0],
+                             rtol=1e-5)
+  assert not np.allclose(paths["blaq"]["latent"][1],
+                         paths["laq"]["latent"][1])
+  out = plots.plot_toy_trajectories(str(tmp_path / "fig1.png"), paths)
+  assert pathlib.Path(out).stat().st_size > 0
+
+
+def test_results_table_and_time_to_target():
+  def run(final, accs, walls):
+    epochs = [dict(epoch=i + 1, test_accuracy=a, wall_time=w)
+              for i, (a, w) in enumerate(zip(accs, walls))]
+    return dict(summary=dict(final_test_accuracy=final,
+                             best_test_accuracy=max(accs), grad_evals=10,
+                             wall_time=walls[-1]), epochs=epochs, steps=[])
+  runs = {"laq": [run(0.9, [0.8, 0.9], [1.0, 2.0])],
+          "blaq": [run(0.95, [0.92, 0.95], [1.5, 3.0])]}
+  table = compare_lib.results_table(runs)
+  assert "Target test accuracy: 90.00%" in table
+  laq_row = next(line for line in table.splitlines()
+                 if line.startswith("| laq"))
+  blaq_row = next(line for line in table.splitlines()
+                  if line.startswith("| blaq"))
+  assert "| 2.0 ± 0.0 |" in laq_row and "| 1.0 ± 0.0 |" in blaq_row
+  assert "not reached (1/1 runs)" in compare_lib.results_table(runs, 0.99)
