@@ -66,9 +66,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blaq_jax import parallel
 from blaq_jax import quantizers
 from blaq_jax import selection
 from blaq_jax.state import cosine
+from blaq_jax.state import dot
 from blaq_jax.ste import Estimator, ScalarOrSchedule, straight_through
 
 NORMS = ("global", "per_layer")
@@ -171,7 +173,7 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
   gx = [a * b for a, b in zip(g, e)]
 
   def unit(xs, scale=1.0):
-    norm2 = sum((jnp.vdot(x, x) for x in xs), jnp.float32(0))
+    norm2 = sum((dot(x, x) for x in xs), jnp.float32(0))
     inv = jnp.where(norm2 > 0, scale / jnp.sqrt(jnp.where(norm2 > 0, norm2,
                                                           1.0)), 0.0)
     return [x * inv for x in xs]
@@ -200,7 +202,7 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
                          f"{jnp.shape(value)}.")
       return jnp.asarray(value, jnp.float32)
     fd = (at(1.0) - at(-1.0)) / 2
-    return jax.lax.pmean(fd, axis_name) if axis_name is not None else fd
+    return parallel.pmean(fd, axis_name, who="fogzo_gradient")
 
   keys = jax.random.split(key, n)
   zeros = [jnp.zeros_like(x) for x in w]
@@ -259,6 +261,7 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
           f"{who} needs the keyword argument loss_fn: update(grads, state, "
           "params, loss_fn=fn) with fn(params) -> scalar, the loss on the "
           "same minibatch as grads (two extra forward passes per direction).")
+    parallel.check_axis_bound(batch_axis_name, who)
     key, sub = jax.random.split(state.key)
     b = beta_at(count)
     eps = [eps_scale * quantizers.EPS_BAR[surrogate] * s for s in steps]

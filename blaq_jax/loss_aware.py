@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blaq_jax import parallel
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import project
@@ -242,6 +243,8 @@ def loss_aware_quantization(
           "or build it with blaq(..., opaque=False) for the transparent mode.")
     if curvature_fn is not None and trial and not opaque:
       raise ValueError("curvature_fn is supported in opaque mode only.")
+    if trial and opaque:  # fail on every step, not just on active ones
+      parallel.check_axis_bound(batch_axis_name, who)
     q_ix = [i for i, s in enumerate(sets) if s]
     n_q = int(sum(np.prod(leaves[i].shape) for i in q_ix))
 
@@ -406,8 +409,7 @@ def loss_aware_quantization(
       g_star_tree = grad_fn(trial_params)
       selection.check_same_structure(params, g_star_tree,
                                      "blaq: the output of grad_fn")
-      if batch_axis_name is not None:
-        g_star_tree = jax.lax.pmean(g_star_tree, batch_axis_name)
+      g_star_tree = parallel.pmean(g_star_tree, batch_axis_name, who=who)
       return backtrack(t, mu_t, nu_t, mhat, den, g,
                        _flat(treedef, g_star_tree), w_star, q_star,
                        trial_params)

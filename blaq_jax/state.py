@@ -100,13 +100,22 @@ def init_diagnostics() -> Diagnostics:
   return Diagnostics(z, z, jnp.zeros([], jnp.bool_), z, z)
 
 
+def dot(x, y):
+  """``sum(x * y)`` over all axes.
+
+  Unlike ``jnp.vdot`` it does not flatten: flattening a tensor sharded over
+  two mesh axes makes XLA gather it.
+  """
+  return jnp.sum(x * y, dtype=jnp.float32)
+
+
 def cosine(xs, ys):
   """Cosine of two lists of arrays seen as one vector (0 if either is 0)."""
-  dot = sum((jnp.vdot(x, y) for x, y in zip(xs, ys)), jnp.float32(0))
-  nx = sum((jnp.vdot(x, x) for x in xs), jnp.float32(0))
-  ny = sum((jnp.vdot(y, y) for y in ys), jnp.float32(0))
+  xy = sum((dot(x, y) for x, y in zip(xs, ys)), jnp.float32(0))
+  nx = sum((dot(x, x) for x in xs), jnp.float32(0))
+  ny = sum((dot(y, y) for y in ys), jnp.float32(0))
   den = jnp.sqrt(nx * ny)
-  return jnp.where(den > 0, dot / jnp.where(den > 0, den, 1.0), 0.0)
+  return jnp.where(den > 0, xy / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def fraction_changed(new, old, total):
