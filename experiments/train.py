@@ -223,6 +223,11 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 def global_batch(mesh, local: Mapping[str, np.ndarray]):
   """A process-local batch as global arrays sharded on ``"data"``."""
+  if "data" not in mesh.axis_names:
+    raise ValueError(
+        f"The mesh has axes {tuple(mesh.axis_names)} but no 'data' axis to "
+        "shard the batch over; build it with the data-parallel axis named "
+        "'data' (see make_mesh).")
   sharding = NamedSharding(mesh, P("data"))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
@@ -463,6 +468,7 @@ class Checkpoints:
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self.ocp = ocp
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep),
@@ -473,7 +479,8 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, epoch: int, state, meta: Dict[str, Any]) -> None:
-    meta = dict(meta, leaf_names=_leaf_names(state))
+    meta = dict(meta, leaf_names=_leaf_names(state),
+                process_count=jax.process_count())
     self.manager.save(epoch, args=self.ocp.args.Composite(
         state=self.ocp.args.StandardSave({"leaves": jax.tree.leaves(state)}),
         meta=self.ocp.args.JsonSave(meta)))
@@ -485,6 +492,15 @@ class Checkpoints:
                 for x in jax.tree.leaves(like)]
     meta = self.manager.restore(epoch, args=self.ocp.args.Composite(
         meta=self.ocp.args.JsonRestore()))["meta"]
+    saved_procs = meta.get("process_count", 1)
+    if saved_procs != jax.process_count():
+      raise ConfigMismatchError(
+          f"The checkpoint of epoch {epoch} in {self.directory} was written "
+          f"by {saved_procs} process(es); this run has "
+          f"{jax.process_count()}. Resume it with {saved_procs} process(es) "
+          "(the input shards and the order of the cross-host reductions "
+          "depend on the count, so the result would not be that of an "
+          "uninterrupted run), or start a new --workdir.")
     names = _leaf_names(like)
     if meta.get("leaf_names") != names:
       raise ConfigMismatchError(
@@ -870,7 +886,12 @@ def main(argv):
     raise SystemExit(f"Unknown command {' '.join(commands)!r}: use train "
                      "(default), eval or export.")
   if flags_.jax_distributed:
-    jax.distributed.initialize()  # coordinator from the cluster environment
+    # With no flags, the coordinator, process count and id come from the
+    # cluster environment (TPU pods, SLURM, ...); the flags set them by hand,
+    # e.g. several processes on one machine.
+    jax.distributed.initialize(
+        coordinator_address=flags_.coordinator_address,
+        num_processes=flags_.num_processes, process_id=flags_.process_id)
   workdir = flags_.workdir
   config = flags_.config
   if config is None:
@@ -904,6 +925,12 @@ def _define_flags():
   flags.DEFINE_bool("jax_distributed", False,
                     "Call jax.distributed.initialize() first (multi-host: "
                     "one process per host).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "With --jax_distributed: host:port of process 0.")
+  flags.DEFINE_integer("num_processes", None,
+                       "With --jax_distributed: number of processes.")
+  flags.DEFINE_integer("process_id", None,
+                       "With --jax_distributed: this process's index.")
   flags.mark_flags_as_required(["workdir"])
 
 
