@@ -12,6 +12,7 @@ Example:
 from blaq_jax import methods
 from blaq_jax.levels import LevelSet
 from blaq_jax.nnx_utils import nnx_grad_fn
+from blaq_jax.nnx_utils import nnx_loss_fn
 from blaq_jax.loss_aware import LossAwareState
 from blaq_jax.loss_aware import TrialState
 from blaq_jax.loss_aware import blaq

@@ -213,7 +213,7 @@ def loss_aware_quantization(
         mu=zeros,
         nu=jax.tree.map(jnp.zeros_like, params),
         latent=per_q(lambda p: jnp.array(p, copy=True)),
-        quantized=treedef.unflatten(
+        quantized=selection.pure_structure(params).unflatten(
             [quantize_leaf(p, s) if s else _MASK
              for p, s in zip(leaves, sets)]),
         prev_update=per_q(jnp.zeros_like) if diagnostics else per_q(

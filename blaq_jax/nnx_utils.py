@@ -1,4 +1,4 @@
-"""Flax NNX helper: build BLAQ's ``grad_fn`` from a model and a loss.
+"""Flax NNX helpers: BLAQ's ``grad_fn`` and FOGZO's ``loss_fn`` from a model.
 
 BLAQ's opaque mode needs ``grad_fn(params) -> grads``: the gradient of the loss
 on the *same* minibatch at the trial parameters. With NNX this means splitting
@@ -38,13 +38,17 @@ import jax
 from flax import nnx
 
 
-def nnx_grad_fn(model: nnx.Module, loss_fn: Callable[..., Any], *args,
+def nnx_loss_fn(model: nnx.Module, loss_fn: Callable[..., Any], *args,
                 wrt=nnx.Param, has_aux: bool = False, **kwargs):
-  """``grad_fn(params) -> grads`` of ``loss_fn(model, *args, **kwargs)``.
+  """``loss(params) -> scalar`` of ``loss_fn(model, *args, **kwargs)``.
+
+  What FOGZO and n-SPSA need as their ``loss_fn`` extra argument, and what
+  :func:`nnx_grad_fn` differentiates.
 
   Args:
     model: the NNX model being trained (its current non-parameter state,
-      e.g. BatchNorm statistics and mode, is used for the trial forward pass).
+      e.g. BatchNorm statistics and mode, is used for the forward pass at
+      other parameters; any update of it there is discarded).
     loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or
       ``(scalar, aux)`` with ``has_aux=True``; aux is dropped).
     *args, **kwargs: the minibatch and anything else ``loss_fn`` takes.
@@ -54,15 +58,25 @@ def nnx_grad_fn(model: nnx.Module, loss_fn: Callable[..., Any], *args,
 
   Returns:
     A function of a pure parameter state (what ``nnx.Optimizer.update``
-    passes to the transform as ``params``) returning the gradient with the
-    same structure.
+    passes to the transform as ``params``) returning the scalar loss.
   """
   graphdef, _, rest = nnx.split(model, wrt, ...)
   rest = nnx.as_pure(rest)
 
   def pure_loss(params):
-    trial_model = nnx.merge(graphdef, params, rest)
-    out = loss_fn(trial_model, *args, **kwargs)
+    out = loss_fn(nnx.merge(graphdef, params, rest), *args, **kwargs)
     return out[0] if has_aux else out
 
-  return jax.grad(pure_loss)
+  return pure_loss
+
+
+def nnx_grad_fn(model: nnx.Module, loss_fn: Callable[..., Any], *args,
+                wrt=nnx.Param, has_aux: bool = False, **kwargs):
+  """``grad_fn(params) -> grads``: the gradient of :func:`nnx_loss_fn`.
+
+  The arguments are those of :func:`nnx_loss_fn`. The returned function
+  takes a pure parameter state and returns a gradient of the same
+  structure: BLAQ's ``grad_fn`` extra argument.
+  """
+  return jax.grad(nnx_loss_fn(model, loss_fn, *args, wrt=wrt,
+                              has_aux=has_aux, **kwargs))

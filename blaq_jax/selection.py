@@ -53,6 +53,25 @@ def _strip_variable(path):
   return path
 
 
+def _is_variable(x) -> bool:
+  # A Flax NNX Variable (duck-typed: the core does not import flax).
+  return hasattr(x, "get_value") and hasattr(x, "get_metadata")
+
+
+def pure_structure(params):
+  """The treedef of ``params`` with NNX ``Variable`` wrappers removed.
+
+  ``nnx.Optimizer`` gives ``init`` a state of Variables but ``update`` pure
+  arrays. Per-leaf state whose leaves are not arrays (a
+  :class:`~blaq_jax.state.QuantizedTensor`) must not be put inside a
+  Variable: NNX would turn it into a plain dict when it writes the state
+  back after an update.
+  """
+  return jax.tree.structure(jax.tree.map(
+      lambda x: x.get_value() if _is_variable(x) else x, params,
+      is_leaf=_is_variable))
+
+
 def path_str(path) -> str:
   """``'layers/0/kernel'`` for a JAX key path."""
   return "/".join(_key_name(k) for k in _strip_variable(path))

@@ -189,7 +189,9 @@ def straight_through(
         count=jnp.zeros([], jnp.int32),
         inner=optimizer.init(params),
         latent=latent,
-        quantized=per_q(quantize_leaf),
+        quantized=selection.pure_structure(params).unflatten(
+            [quantize_leaf(p, s) if s else _MASK
+             for p, s in zip(leaves, sets)]),
         prev_update=per_q(lambda p, s: jnp.zeros_like(p) if diagnostics
                           else _MASK),
         diagnostics=init_diagnostics(),
