@@ -284,3 +284,44 @@ def plot_toy_trajectories(path: str, paths: Optional[Dict] = None,
   ax_loss.grid(alpha=0.3)
   ax_loss.legend()
   return _save(fig, path)
+
+
+def main(argv=None) -> Dict[str, Dict[str, float]]:
+  """Writes Fig. 1 and prints the zig-zag statistics of LAQ and BLAQ on it.
+
+  ``python -m experiments.plots --out runs/fig1.png`` (see ``--help``).
+  The statistics are :func:`experiments.zigzag.table1_stats` of the two
+  latent weights over the whole run.
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  from experiments import zigzag  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+  p.add_argument("--out", default="fig1.png", help="PNG file to write")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--a", type=float, default=0.6)
+  p.add_argument("--curvature", choices=("hessian", "adam"),
+                 default="hessian")
+  p.add_argument("--learning_rate", type=float, default=1.0)
+  p.add_argument("--start", type=float, nargs=2, default=(-0.05, 0.06))
+  args = p.parse_args(argv)
+  paths = toy_trajectories(tuple(args.start), steps=args.steps, a=args.a,
+                           curvature=args.curvature,
+                           learning_rate=args.learning_rate)
+  print(f"Fig. 1 toy loss, 1 bit, {args.steps} steps from {args.start}, "
+        f"curvature={args.curvature}, lr={args.learning_rate}, a={args.a}")
+  print("| method | final loss | latent amplitude (max) | sign flips "
+        "(mean per weight) |\n|---|---|---|---|")
+  stats = {}
+  for name, path in paths.items():
+    # 1 bit: the code of a weight is its sign (the scale changes each step).
+    s = zigzag.table1_stats(path["latent"], np.sign(path["quantized"]))
+    stats[name] = dict(final_loss=float(path["loss"][-1]), **s)
+    print(f"| {name} | {path['loss'][-1]:.3g} | {s['amplitude']:.3g} | "
+          f"{s['frequency']:.3g} |")
+  print(f"Written: {plot_toy_trajectories(args.out, paths)}")
+  return stats
+
+
+if __name__ == "__main__":
+  main()
