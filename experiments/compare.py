@@ -36,14 +36,16 @@ from experiments import plots
 from experiments import train as train_lib
 
 
-def _stat(values: Sequence[float]):
+def mean_spread(values: Sequence[float]):
+  """``(mean, half the range)`` of the non-None values (``(None, None)``)."""
   values = np.asarray([v for v in values if v is not None], float)
   if not values.size:
     return None, None
   return float(values.mean()), float((values.max() - values.min()) / 2)
 
 
-def _fmt(stat, scale: float = 1.0, digits: int = 2) -> str:
+def format_stat(stat, scale: float = 1.0, digits: int = 2) -> str:
+  """``"mean ± spread"`` of a :func:`mean_spread` pair, scaled."""
   mean, spread = stat
   if mean is None:
     return "not reached"
@@ -91,7 +93,7 @@ def run_all(config, methods: Sequence[str], seeds: Sequence[int],
 def results_table(runs: Mapping[str, List[Mapping]],
                   target: Optional[float] = None) -> str:
   """The markdown table of :func:`run_all`'s results (see module doc)."""
-  finals = {m: _stat([r["summary"].get("final_test_accuracy") for r in rs])
+  finals = {m: mean_spread([r["summary"].get("final_test_accuracy") for r in rs])
             for m, rs in runs.items()}
   if target is None:
     reached = [s[0] for s in finals.values() if s[0] is not None]
@@ -105,19 +107,19 @@ def results_table(runs: Mapping[str, List[Mapping]],
       "target | time to target (s) | grad evals | wall time (s) |",
       "|---|---|---|---|---|---|---|"]
   for method, rs in runs.items():
-    best = _stat([r["summary"].get("best_test_accuracy") for r in rs])
+    best = mean_spread([r["summary"].get("best_test_accuracy") for r in rs])
     hits = [time_to_target(r["epochs"], target) for r in rs]
     if any(h[0] is None for h in hits):
       n_hit = sum(h[0] is not None for h in hits)
       ep = tt = f"not reached ({len(hits) - n_hit}/{len(hits)} runs)"
     else:
-      ep = _fmt(_stat([h[0] for h in hits]), digits=1)
-      tt = _fmt(_stat([h[1] for h in hits]), digits=1)
-    ge = _stat([r["summary"].get("grad_evals") for r in rs])
-    wall = _stat([r["summary"].get("wall_time") for r in rs])
+      ep = format_stat(mean_spread([h[0] for h in hits]), digits=1)
+      tt = format_stat(mean_spread([h[1] for h in hits]), digits=1)
+    ge = mean_spread([r["summary"].get("grad_evals") for r in rs])
+    wall = mean_spread([r["summary"].get("wall_time") for r in rs])
     lines.append(
-        f"| {method} | {_fmt(finals[method], 100)} | {_fmt(best, 100)} | "
-        f"{ep} | {tt} | {_fmt(ge, digits=0)} | {_fmt(wall, digits=1)} |")
+        f"| {method} | {format_stat(finals[method], 100)} | {format_stat(best, 100)} | "
+        f"{ep} | {tt} | {format_stat(ge, digits=0)} | {format_stat(wall, digits=1)} |")
   return "\n".join(lines)
 
 

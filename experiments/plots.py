@@ -94,20 +94,23 @@ def plot_training_loss(runs: Mapping[str, Records], path: str, *,
 
 def plot_test_accuracy(runs: Mapping[str, Records], path: str, *,
                        key: str = "test_accuracy",
-                       spread: Optional[Mapping[str, Sequence[float]]] = None
-                       ) -> str:
+                       spread: Optional[Mapping[str, Sequence[float]]] = None,
+                       x: str = "epoch") -> str:
   """Test accuracy per epoch of each run (Fig. 6); returns ``path``.
 
   Args:
-    runs: ``{label: epoch records}`` with ``epoch`` and ``key`` fields.
+    runs: ``{label: epoch records}`` with ``x`` and ``key`` fields.
     path: the PNG file to write.
     key: the plotted field.
     spread: optional ``{label: per-epoch half-width}`` drawn as a band.
+    x: the field on the horizontal axis: ``"epoch"``, or e.g.
+      ``"wall_time"`` or ``"grad_evals"`` for accuracy against cost.
   """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
+  xname = x
   for label, records in runs.items():
-    x, y = _series(records, "epoch", key)
+    x, y = _series(records, xname, key)
     if not x.size:
       continue
     (line,) = ax.plot(x, 100 * y, marker="o", ms=3, label=label)
@@ -115,7 +118,8 @@ def plot_test_accuracy(runs: Mapping[str, Records], path: str, *,
       s = 100 * np.asarray(spread[label], float)[:y.size]
       ax.fill_between(x, 100 * y - s, 100 * y + s, alpha=0.2,
                       color=line.get_color())
-  ax.set_xlabel("epoch")
+  ax.set_xlabel(xname.replace("_", " ") + (" (s)" if xname == "wall_time"
+                                            else ""))
   ax.set_ylabel(key.replace("_", " ") + " (%)")
   ax.grid(alpha=0.3)
   ax.legend()

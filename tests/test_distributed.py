@@ -156,3 +156,33 @@ def test_sharded_params_stay_sharded_and_nothing_is_gathered(factory):
   codes = blaq_jax.codes(new_state)["dense"]["kernel"]
   assert codes.sharding.is_equivalent_to(kernel_sharding, 2)
   chex.assert_trees_all_close(new_params, reference[0], rtol=1e-6)
+
+
+def test_resnet18_imagenet_config_runs_data_parallel(tmp_path):
+  """The ImageNet config (a = 0.9, m = 10, 8-bit first/last layers) end to
+  end on synthetic ImageNet-shaped data, batch sharded over 2 devices."""
+  from experiments.configs import imagenet_resnet18
+  config = imagenet_resnet18.get_config()
+  config.dataset = "synthetic_imagenet"
+  config.model_options.width = 4
+  config.train_size, config.validation_size, config.test_size = 64, 16, 16
+  config.batch_size, config.eval_batch_size = 32, 16
+  config.num_epochs = 2  # epoch 1 runs BLAQ's two-stage update, epoch 2 not
+  config.num_devices = 2
+  config.progress_bar = config.write_plots = config.tensorboard = False
+  summary = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert summary["epochs"] == 2 and summary["step"] == 4
+  assert summary["grad_evals"] == 2 * 2 + 2
+  epochs = _epochs(tmp_path)
+  assert [r["trial_active_fraction"] for r in epochs] == [1.0, 0.0]
+  _, state, _ = train_lib.restore_latest(str(tmp_path), config)
+  params = state["params"]
+  assert len(params["stem_conv"]["kernel"].sharding.device_set) == 2
+  codes = blaq_jax.codes(state["opt_state"])
+  for name in ("stem_conv", "head"):  # 8 bits: up to 256 codes
+    assert 2 < np.unique(np.asarray(codes[name]["kernel"])).size <= 256
+  conv = np.asarray(codes["blocks"][0]["conv1"]["kernel"])
+  assert set(np.unique(conv)) <= {0, 1}  # 1 bit
+  qts = blaq_jax.quantized_tensors(state["opt_state"])
+  np.testing.assert_allclose(params["head"]["kernel"],
+                             qts["head"]["kernel"].dequantize(), rtol=1e-6)

@@ -289,3 +289,46 @@ def test_results_table_and_time_to_target():
                   if line.startswith("| blaq"))
   assert "| 2.0 ± 0.0 |" in laq_row and "| 1.0 ± 0.0 |" in blaq_row
   assert "not reached (1/1 runs)" in compare_lib.results_table(runs, 0.99)
+
+
+# ------------------------------------------------ ablation, time to target --
+
+def test_ablation_runs_variants_and_writes_a_table(shared_data_dir, tmp_path):
+  from experiments import ablation
+  config = tiny_config(shared_data_dir, train_size=300, test_size=200,
+                       validation_size=0, num_tracked=0)
+  variants = [ablation.parse_variant("laq:method=laq"),
+              ablation.parse_variant("blended:method=blaq,moments=blended,"
+                                     "blaq_period_epochs=1")]
+  table = ablation.run(config, variants, [0], str(tmp_path))
+  assert (tmp_path / "ablation.md").read_text().strip() == table
+  assert table.count("\n| ") == 3 and "| blended |" in table  # + header
+  saved = json.loads((tmp_path / "blended" / "blaq" / "seed_0" /
+                      "config.json").read_text())
+  assert saved["moments"] == "blended" and saved["method"] == "blaq"
+  with pytest.raises(ValueError, match="unknown config field 'nope'"):
+    ablation.run(config, [("x", {"nope": 1})], [0], str(tmp_path))
+  with pytest.raises(ValueError, match="is not key=value"):
+    ablation.parse_variant("x:method")
+
+
+def test_time_to_accuracy_reads_logged_runs(tmp_path):
+  from experiments.bench import time_to_accuracy
+  curves = {"laq": [0.95, 0.975, 0.985], "blaq": [0.97, 0.986, 0.99]}
+  for method, accs in curves.items():
+    metrics = tmp_path / method / "seed_0" / "metrics"
+    metrics.mkdir(parents=True)
+    evals = 2 if method == "blaq" else 1
+    metrics.joinpath("epochs.jsonl").write_text("".join(
+        json.dumps(dict(epoch=e + 1, test_accuracy=a, wall_time=10.0 * (e + 1),
+                        grad_evals=100 * evals * (e + 1), loss_evals=0)) + "\n"
+        for e, a in enumerate(accs)))
+  rows = time_to_accuracy.main(["--workdir", str(tmp_path),
+                                "--targets", "0.98,0.995"])
+  got = {(r["method"], r["target"]): r for r in rows}
+  assert got[("laq", 0.98)]["epoch"] == 3 and got[("laq", 0.98)][
+      "grad_evals"] == 300
+  assert got[("blaq", 0.98)]["epoch"] == 2 and got[("blaq", 0.98)][
+      "grad_evals"] == 400
+  assert got[("blaq", 0.995)]["reached"] == 0
+  assert (tmp_path / "accuracy_vs_cost_grad_evals.png").stat().st_size > 0

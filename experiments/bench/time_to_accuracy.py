@@ -1,0 +1,137 @@
+r"""Time to accuracy from logged runs: epochs, wall time, gradient evaluations.
+
+Reads the runs of a comparison directory (the layout written by
+:mod:`experiments.compare`: ``WORKDIR/<method>/seed_<s>/metrics/
+epochs.jsonl``) and reports, per method and target test accuracy, when each
+run first reached the target:
+
+* the epoch,
+* the logged wall time (training and the per-epoch evaluation, as measured
+  during the run: only comparable between runs made on an equally loaded
+  machine),
+* gradient evaluations (one per step; two on BLAQ's active steps) and the
+  extra forward passes of FOGZO/n-SPSA (``loss_evals``),
+
+as the mean over the seeds that reached it (how many did is shown). It also
+writes ``accuracy_vs_cost_wall_time.png`` and ``..._grad_evals.png``: test
+accuracy of each method's first seed against wall time and against gradient
+evaluations.
+
+Usage::
+
+  python -m experiments.bench.time_to_accuracy --workdir runs/table2 \
+      --targets 0.98,0.985
+
+Example:
+  >>> import json, pathlib, tempfile
+  >>> from experiments.bench.time_to_accuracy import reach
+  >>> recs = [dict(epoch=1, test_accuracy=0.97, wall_time=10.0,
+  ...              grad_evals=500, loss_evals=0),
+  ...         dict(epoch=2, test_accuracy=0.99, wall_time=20.0,
+  ...              grad_evals=1000, loss_evals=0)]
+  >>> reach(recs, 0.98)["grad_evals"]
+  1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from experiments import plots
+from experiments import train as train_lib
+from experiments.bench import common
+
+COST_KEYS = ("epoch", "wall_time", "grad_evals", "loss_evals")
+
+
+def reach(epochs: Sequence[Mapping[str, Any]], target: float,
+          key: str = "test_accuracy") -> Optional[Dict[str, Any]]:
+  """The cost fields of the first epoch record with ``key >= target``."""
+  for r in epochs:
+    if r.get(key) is not None and r[key] >= target:
+      return {k: r.get(k, 0) for k in COST_KEYS}
+  return None
+
+
+def load_runs(workdir: str, methods: Optional[Sequence[str]] = None
+              ) -> Dict[str, List[List[Dict[str, Any]]]]:
+  """``{method: [epoch records of each seed]}`` found under ``workdir``."""
+  root = pathlib.Path(workdir)
+  found = sorted(p.name for p in root.iterdir() if p.is_dir())
+  runs = {}
+  for method in (methods or found):
+    seeds = sorted((root / method).glob("seed_*"))
+    recs = [train_lib.read_jsonl(s / "metrics" / "epochs.jsonl")
+            for s in seeds]
+    recs = [r for r in recs if r]
+    if recs:
+      runs[method] = recs
+  if not runs:
+    raise FileNotFoundError(f"No runs (<method>/seed_*/metrics/epochs.jsonl) "
+                            f"under {workdir}.")
+  return runs
+
+
+def table(runs: Mapping[str, List[List[Mapping]]],
+          targets: Sequence[float]) -> List[Dict[str, Any]]:
+  """One row per method and target (means over the seeds that reached)."""
+  rows = []
+  for method, per_seed in runs.items():
+    best = [max(r["test_accuracy"] for r in recs) for recs in per_seed]
+    for target in targets:
+      hits = [reach(recs, target) for recs in per_seed]
+      ok = [h for h in hits if h is not None]
+      row = dict(method=method, target=target, reached=len(ok),
+                 runs=len(hits), best=float(np.mean(best)),
+                 epochs_run=float(np.mean([len(r) for r in per_seed])))
+      for k in COST_KEYS:
+        row[k] = float(np.mean([h[k] for h in ok])) if ok else None
+      rows.append(row)
+  return rows
+
+
+def _cell(x, fmt):
+  return "-" if x is None else format(x, fmt)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True,
+                 help="a comparison directory (experiments.compare)")
+  p.add_argument("--methods", default="",
+                 help="comma-separated (default: all found)")
+  p.add_argument("--targets", default="0.98,0.985",
+                 help="comma-separated test accuracies in [0, 1]")
+  p.add_argument("--plot", default=None,
+                 help="PNG to write (default WORKDIR/accuracy_vs_cost.png)")
+  args = p.parse_args(argv)
+  targets = [float(t) for t in args.targets.split(",") if t]
+  if any(not 0 < t <= 1 for t in targets):
+    raise SystemExit(f"--targets must be in (0, 1], got {targets}.")
+  methods = [m for m in args.methods.split(",") if m] or None
+  runs = load_runs(args.workdir, methods)
+  rows = table(runs, targets)
+  print(common.markdown_table(
+      ["method", "target (%)", "reached", "epochs", "wall time (s)",
+       "grad evals", "extra fwd passes", "best acc (%)", "epochs run"],
+      [[r["method"], f"{100 * r['target']:.2f}",
+        f"{r['reached']}/{r['runs']}", _cell(r["epoch"], ".1f"),
+        _cell(r["wall_time"], ".0f"), _cell(r["grad_evals"], ".0f"),
+        _cell(r["loss_evals"], ".0f"), f"{100 * r['best']:.2f}",
+        f"{r['epochs_run']:.0f}"] for r in rows]))
+  first = {m: recs[0] for m, recs in runs.items()}  # seed curves: the first
+  out = args.plot or str(pathlib.Path(args.workdir) / "accuracy_vs_cost.png")
+  stem = out[:-4] if out.endswith(".png") else out
+  for x in ("wall_time", "grad_evals"):
+    plots.plot_test_accuracy(first, f"{stem}_{x}.png", x=x)
+  print(f"\nWritten: {stem}_wall_time.png, {stem}_grad_evals.png")
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
