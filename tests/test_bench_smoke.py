@@ -2,8 +2,13 @@
 
 import math
 
+import jax
+import pytest
+
 from experiments.bench import common
 from experiments.bench import memory
+from experiments.bench import scaling
+from experiments.bench import train_step
 from experiments.bench import update_cost
 
 
@@ -57,3 +62,44 @@ def test_param_counts():
   total = sum(int(np.prod(s)) for s in jax.tree.leaves(
       shapes, is_leaf=lambda x: isinstance(x, tuple)))
   assert total == 11_689_512
+
+
+def test_train_step_main_tiny(capsys):
+  rows = train_step.main([
+      "--models", "mlp", "--hidden", "8", "--synthetic", "--batch", "mlp=4",
+      "--repeats", "2", "--methods", "grad only,fp,blaq inactive,blaq active"])
+  out = capsys.readouterr().out
+  assert "| method |" in out and "machine:" in out
+  assert [r["method"] for r in rows] == [
+      "grad only", "fp", "blaq inactive", "blaq active", "blaq amortised"]
+  by = {r["method"]: r for r in rows}
+  assert by["fp"]["ratio"] == 1.0 and by["fp"]["m"] == 5
+  assert math.isclose(by["blaq amortised"]["ms"],
+                      (4 * by["blaq inactive"]["ms"]
+                       + by["blaq active"]["ms"]) / 5)
+  assert by["blaq active"]["target"] == 2.2 and by["blaq active"]["met"]
+  assert by["fp"]["target"] is None and not by["fp"]["met"]
+  for r in rows:
+    assert r["ms"] > 0 and math.isfinite(r["ratio"])
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices")
+def test_scaling_main_tiny(capsys):
+  rows = scaling.main(["--devices", "1,2", "--hidden", "8", "--synthetic",
+                       "--per-device-batch", "2", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert "| devices |" in out and "machine:" in out
+  one, two = rows
+  assert (one["devices"], one["batch"], two["devices"], two["batch"]) == (
+      1, 2, 2, 4)
+  assert one["ops_inactive"] == one["ops_active"] == 0
+  assert one["bytes_active"] == 0
+  # One all-reduce of the gradient per gradient evaluation (plus BN
+  # statistics): the trial gradient's only on the active branch.
+  assert 1 <= two["ops_inactive"] < two["ops_active"]
+  assert two["params_bytes"] <= two["bytes_inactive"] < 1.2 * (
+      two["params_bytes"])
+  assert two["bytes_active"] >= 2 * two["params_bytes"]
+  assert two["kinds"] == ["all-reduce"]
+  for r in rows:
+    assert r["ms_active"] > 0 and r["examples_per_s"] > 0
