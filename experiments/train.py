@@ -251,8 +251,18 @@ def quantize_rule(config):
                                   edge_bits=config.edge_bits)
 
 
-def make_optimizer(config, steps_per_epoch: int, total_steps: int):
-  """The method ``config.method`` with the config's hyper-parameters."""
+def blaq_schedule(config, steps_per_epoch: int):
+  """BLAQ's ``active`` schedule: one epoch in ``config.blaq_period_epochs``."""
+  return blaq_jax.one_epoch_every(config.blaq_period_epochs, steps_per_epoch)
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,
+                   blaq_active=None):
+  """The method ``config.method`` with the config's hyper-parameters.
+
+  ``blaq_active`` replaces BLAQ's schedule (:func:`blaq_schedule`), e.g.
+  ``1`` (every step) or :func:`blaq_jax.never`.
+  """
   name = config.method
   if name not in methods.METHODS:
     raise ValueError(f"Unknown config.method {name!r}; choose one of "
@@ -281,8 +291,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int):
     kw["bits"] = config.bits
     if name == "blaq":
       kw.update(a=config.a, moments=config.moments,
-                active=blaq_jax.one_epoch_every(config.blaq_period_epochs,
-                                                steps_per_epoch))
+                active=(blaq_schedule(config, steps_per_epoch)
+                        if blaq_active is None else blaq_active))
     return methods.create(name, lr, **kw)
   # ste, fogzo, n_spsa
   if config.bits == 1:
@@ -321,7 +331,41 @@ class Setup:
     self.steps_per_epoch = probe.batches_per_epoch
     self.total_steps = self.steps_per_epoch * config.num_epochs
     self.tx = make_optimizer(config, self.steps_per_epoch, self.total_steps)
+    self._compiled = {}
     self._build_model()
+
+  # BLAQ's two phases. The schedule is known on the host, so the training
+  # step is compiled once per phase (BLAQ with active=1, and with
+  # active=never: LAQ's update) instead of once with a lax.cond: XLA:CPU
+  # compiles convolutions inside a conditional's branch to a slow path (the
+  # trial gradient of LeNet5 ran 9x slower than outside one). Both phases
+  # have the same optimizer state as ``self.tx``, whose schedule they follow.
+
+  def step_phase(self, step: int) -> Optional[bool]:
+    """Whether BLAQ's two-stage update runs at ``step`` (None: not BLAQ)."""
+    if self.config.method != "blaq":
+      return None
+    return bool(blaq_schedule(self.config, self.steps_per_epoch)(step))
+
+  def compiled_step(self, phase: Optional[bool] = None):
+    """The jitted train step of a phase (``None``: the method's own)."""
+    if phase not in self._compiled:
+      tx = self.tx
+      if phase is not None:
+        tx = make_optimizer(self.config, self.steps_per_epoch,
+                            self.total_steps,
+                            blaq_active=1 if phase else blaq_jax.never)
+      self._compiled[phase] = jax.jit(
+          functools.partial(self.train_step, tx=tx), donate_argnums=(0,),
+          out_shardings=(self.replicated, self.replicated))
+    return self._compiled[phase]
+
+  def jit_train_step(self, state, batch, step: Optional[int] = None):
+    """One training step; ``step`` (the count of steps done) picks BLAQ's
+    phase, read from the state when not given."""
+    if self.config.method == "blaq" and step is None:
+      step = int(jax.device_get(optax.tree.get(state["opt_state"], "count")))
+    return self.compiled_step(self.step_phase(step))(state, batch)
 
   def _build_model(self):
     config = self.config
@@ -362,7 +406,8 @@ class Setup:
 
   # The jitted steps ---------------------------------------------------
 
-  def train_step(self, state, batch):
+  def train_step(self, state, batch, tx=None):
+    tx = self.tx if tx is None else tx
     params, rest = state["params"], state["batch_stats"]
     images, labels = batch["image"], batch["label"]
 
@@ -375,7 +420,7 @@ class Setup:
     # Evaluations at other params: same batch, statistics discarded.
     grad_fn = jax.grad(lambda p: forward(p, rest)[0])
     loss_fn = lambda p: forward(p, rest)[0]  # noqa: E731
-    updates, opt_state = self.tx.update(grads, state["opt_state"], params,
+    updates, opt_state = tx.update(grads, state["opt_state"], params,
                                         grad_fn=grad_fn, loss_fn=loss_fn)
     new_params = optax.apply_updates(params, updates)
     diag = zigzag.step_diagnostics(opt_state)
@@ -407,11 +452,6 @@ class Setup:
     correct = (jnp.argmax(out, -1) == labels).astype(jnp.float32)
     return dict(loss=jnp.sum(per_example * mask),
                 correct=jnp.sum(correct * mask), count=jnp.sum(mask))
-
-  @functools.cached_property
-  def jit_train_step(self):
-    return jax.jit(self.train_step, donate_argnums=(0,),
-                   out_shardings=(self.replicated, self.replicated))
 
   @functools.cached_property
   def jit_eval_step(self):
@@ -655,7 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     per_step = []
     for i in range(setup.steps_per_epoch):
       batch = global_batch(setup.mesh, next(batches))
-      state, metrics = setup.jit_train_step(state, batch)
+      state, metrics = setup.jit_train_step(state, batch,
+                                            step=meta["step"] + i)
       per_step.append(metrics)
       if bar is not None and (i + 1) % log_every == 0:
         m = jax.device_get({k: metrics[k] for k in ("loss", "accuracy")})

@@ -10,10 +10,10 @@ donated, interleaved rounds, medians), the amortised step
 ``((m - 1) inactive + active) / m``, examples per second at that rate, and
 the weak-scaling efficiency ``t_1 / t_n`` of the amortised step.
 
-The communication comes from the compiled HLO of the step: every collective
-op (on a data-parallel step, all-reduces) and the bytes of its operands, on
-each path through the step's ``lax.cond`` (BLAQ's inactive branch holds
-none, the active one the trial gradient's). Expected: one all-reduce of the
+The communication comes from the compiled HLO of each phase's step (as
+training compiles them, see :meth:`experiments.train.Setup.compiled_step`):
+every collective op (on a data-parallel step, all-reduces) and the bytes of
+its operands, on the costliest path through any conditional. Expected: one all-reduce of the
 gradient per gradient evaluation (XLA combines the leaves into few ops), so
 about the params' bytes on an inactive step and twice that on an active
 one, plus the batch-norm statistics and a few scalars. These are payload
@@ -171,14 +171,16 @@ def measure(model: str, devices: Sequence[int], *, per_device_batch: int,
                                            ["blaq inactive", "blaq active"])
     runners.update({(n, k): v for k, v in new.items()})
     checks.append(check)
-    traffic = collectives(compiled.as_text())
+    inactive = collectives(compiled["blaq inactive"].as_text())
+    active = collectives(compiled["blaq active"].as_text())
     rows.append(dict(
         model=model, devices=n, batch=batch_size,
         m=setup.config.blaq_period_epochs,
         params_bytes=common.tree_bytes(setup.init_state["params"]),
-        ops_inactive=traffic["min"]["ops"], ops_active=traffic["max"]["ops"],
-        bytes_inactive=traffic["min"]["bytes"],
-        bytes_active=traffic["max"]["bytes"], kinds=traffic["kinds"]))
+        ops_inactive=inactive["max"]["ops"], ops_active=active["max"]["ops"],
+        bytes_inactive=inactive["max"]["bytes"],
+        bytes_active=active["max"]["bytes"],
+        kinds=sorted(set(inactive["kinds"]) | set(active["kinds"]))))
   samples = common.time_interleaved(runners, repeats=repeats,
                                     warmup=ts.WARMUP)
   for check in checks:

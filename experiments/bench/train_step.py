@@ -8,12 +8,12 @@ device. The methods run in interleaved rounds
 (:func:`experiments.bench.common.time_interleaved`); the table reports
 medians and ratios to the ``fp`` (Adam) step measured in the same run.
 
-BLAQ is built as in training (``one_epoch_every(m, steps_per_epoch)``, so
-one compiled step holds both branches of its ``lax.cond``). Its *inactive*
+BLAQ is timed as training runs it: the step compiled for each phase of its
+schedule (:meth:`experiments.train.Setup.compiled_step`). Its *inactive*
 step (LAQ's update, no trial gradient) is timed from a state whose step
 count lies in epoch 1, its *active* step (the two-stage update with the
 trial gradient) from a state in epoch 0; every timed call is checked to
-have taken the intended branch. ``blaq amortised`` is
+have taken the intended phase. ``blaq amortised`` is
 ``((m - 1) inactive + active) / m`` with the paper's ``m`` (5 for MNIST, 10
 for ImageNet). ``grad only`` is the forward and backward pass of the same
 model and batch without any update: the floor under every method.
@@ -128,21 +128,24 @@ def step_runners(setup: train.Setup, batch, names: Sequence[str]):
   A name of :data:`BLAQ_EPOCH` starts its state's step count at that epoch.
 
   Returns:
-    ``(runners, compiled, check)``: name -> runner, the compiled step, and
-    ``check()`` which raises if a BLAQ runner took the other branch.
+    ``(runners, compiled, check)``: name -> runner, name -> its compiled
+    step, and ``check()`` which raises if a BLAQ runner took the other
+    phase.
   """
-  states, taken = {}, {name: [] for name in names}
+  states, taken, compiled = {}, {name: [] for name in names}, {}
   for name in names:
     state = fresh_state(setup)
+    step = BLAQ_EPOCH.get(name, 0) * setup.steps_per_epoch
     if name in BLAQ_EPOCH:
-      count = jnp.asarray(BLAQ_EPOCH[name] * setup.steps_per_epoch, jnp.int32)
-      state["opt_state"] = optax.tree.set(state["opt_state"], count=count)
+      state["opt_state"] = optax.tree.set(state["opt_state"],
+                                          count=jnp.asarray(step, jnp.int32))
     states[name] = setup.place(state)
-  compiled = setup.jit_train_step.lower(states[names[0]], batch).compile()
+    compiled[name] = setup.compiled_step(setup.step_phase(step)).lower(
+        states[name], batch).compile()
 
   def runner(name):
     def run():
-      states[name], metrics = compiled(states[name], batch)
+      states[name], metrics = compiled[name](states[name], batch)
       taken[name].append(metrics["trial_active"])
       return states[name]
     return run
