@@ -255,7 +255,8 @@ def loss_aware_quantization(
     mu = [x.astype(jnp.float32) for x in _flat(treedef, state.mu)]
     nu = [x.astype(jnp.float32) for x in _flat(treedef, state.nu)]
     latent = _flat(treedef, state.latent)
-    qts = _flat(treedef, state.quantized)
+    qdef = selection.pure_structure(params)  # see pure_structure
+    qts = _flat(qdef, state.quantized)
     prev = _flat(treedef, state.prev_update)
     for i in q_ix:
       if not isinstance(qts[i], QuantizedTensor) or qts[i].level_set != sets[i]:
@@ -329,7 +330,7 @@ def loss_aware_quantization(
           count=t,
           mu=to_tree(mu_new), nu=to_tree(nu_new),
           latent=treedef.unflatten(new_latent),
-          quantized=treedef.unflatten(new_qts),
+          quantized=qdef.unflatten(new_qts),
           prev_update=treedef.unflatten(new_prev),
           trial=state.trial._replace(pending=jnp.zeros([], jnp.bool_)),
           diagnostics=diag)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from blaq_jax.levels import LevelSet
+from blaq_jax import selection
 from blaq_jax.projection import dequantize
 
 
@@ -189,7 +190,8 @@ def quantized_params(params, opt_state):
   initialisation; after any update it equals ``params`` up to an ulp.
   """
   treedef = jax.tree.structure(params)
-  qt = treedef.flatten_up_to(quantized_tensors(opt_state))
+  qt = selection.pure_structure(params).flatten_up_to(
+      quantized_tensors(opt_state))
   leaves = [t.dequantize(jnp.result_type(p)) if _is_qt(t) else p
             for p, t in zip(treedef.flatten_up_to(params), qt)]
   return treedef.unflatten(leaves)

@@ -211,7 +211,8 @@ def straight_through(
              jax.tree_util.tree_flatten_with_path(params)[0]]
     g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(updates)]
     latent = treedef.flatten_up_to(state.latent)
-    qts = treedef.flatten_up_to(state.quantized)
+    qdef = selection.pure_structure(params)  # see pure_structure
+    qts = qdef.flatten_up_to(state.quantized)
     for i in q_ix:
       if not isinstance(qts[i], QuantizedTensor) or qts[i].level_set != sets[i]:
         raise ValueError(
@@ -280,7 +281,7 @@ def straight_through(
         count=optax.safe_increment(state.count),
         inner=inner_state,
         latent=treedef.unflatten(new_latent),
-        quantized=treedef.unflatten(new_qts),
+        quantized=qdef.unflatten(new_qts),
         prev_update=treedef.unflatten(new_prev),
         diagnostics=diag,
         estimator=est_state)

@@ -78,3 +78,41 @@ def test_nnx_loss_fn_is_the_loss_at_other_params():
   assert not np.isclose(float(f(doubled)), float(f(params)))
   g = blaq_jax.nnx_grad_fn(model, loss_fn, x, y)(params)
   assert jax.tree.structure(g) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_split_state_of_variables_trains_on_the_level_set(name):
+  """The functional pattern: ``nnx.split`` params (Variables inside) passed
+  to ``init`` and ``update`` directly, without ``nnx.Optimizer``."""
+  model = Net(nnx.Rngs(0))
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = nnx.as_pure(rest)
+  opt = TRANSFORMS[name]()
+  opt_state = opt.init(params)
+  x = jax.random.normal(jax.random.key(1), (32, 6))
+  y = jax.random.randint(jax.random.key(2), (32,), 0, 3)
+
+  @jax.jit
+  def step(params, rest, opt_state):
+    def loss(p, rest):
+      m = nnx.merge(graphdef, p, rest)  # rest is pure: fresh Variables
+      return loss_fn(m, x, y), nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param)))
+    (value, new_rest), grads = jax.value_and_grad(loss, has_aux=True)(
+        params, rest)
+    updates, opt_state = opt.update(
+        grads, opt_state, params,
+        grad_fn=lambda p: jax.grad(lambda p: loss(p, rest)[0])(p),
+        loss_fn=lambda p: loss(p, rest)[0])
+    return optax.apply_updates(params, updates), new_rest, opt_state, value
+
+  losses = []
+  for _ in range(12):
+    params, rest, opt_state, value = step(params, rest, opt_state)
+    losses.append(float(value))
+  assert losses[-1] < losses[0]
+  q = blaq_jax.quantized_params(params, opt_state)
+  for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  qts = blaq_jax.quantized_tensors(opt_state)
+  assert isinstance(qts["fc1"]["kernel"], blaq_jax.QuantizedTensor)
