@@ -864,16 +864,25 @@ def _split_like(tree: Mapping, like: Mapping) -> Dict:
           for k, v in like.items()}
 
 
-def export_checkpoint(workdir: str, config, path: Optional[str] = None):
-  """Exports the latest checkpoint with :func:`blaq_jax.export`."""
+def export_checkpoint(workdir: str, config, path: Optional[str] = None,
+                      print_summary: bool = False):
+  """Exports the latest checkpoint with :func:`blaq_jax.export`.
+
+  With ``print_summary`` also prints :func:`blaq_jax.summary`'s per-layer
+  size table and the file's size.
+  """
   setup, state, meta = restore_latest(workdir, config)
   path = path or os.path.join(workdir, "export", "model.safetensors")
   tree = _merge_trees(state["params"], state["batch_stats"])
   opt_state = None if config.method == "fp" else state["opt_state"]
   if jax.process_index() == 0:
-    blaq_jax.export(path, jax.device_get(tree), jax.device_get(opt_state),
+    tree, opt_state = jax.device_get((tree, opt_state))
+    blaq_jax.export(path, tree, opt_state,
                     metadata=dict(config=_json_config(config),
                                   epoch=meta["epoch"], step=meta["step"]))
+    if print_summary:
+      blaq_jax.summary(tree, opt_state)
+      print(f"{path}: {os.path.getsize(path):,} bytes")
   return path
 
 
@@ -943,7 +952,8 @@ def main(argv):
     summary = train_and_evaluate(config, workdir)
   elif command == "export":
     summary = {"export": export_checkpoint(workdir, config,
-                                           flags_.export_path)}
+                                           flags_.export_path,
+                                           print_summary=True)}
   else:
     summary = evaluate_workdir(workdir, config, flags_.from_export)
   if jax.process_index() == 0:

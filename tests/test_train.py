@@ -183,10 +183,15 @@ def test_method_bits_mismatch_is_a_clear_error():
 
 
 def test_export_then_eval_from_export_matches_checkpoint(shared_data_dir,
-                                                         tmp_path):
+                                                         tmp_path, capsys):
   config = tiny_config(shared_data_dir, method="laq", bits=2)
   train_lib.train_and_evaluate(config, str(tmp_path))
-  path = train_lib.export_checkpoint(str(tmp_path), config)
+  capsys.readouterr()
+  path = train_lib.export_checkpoint(str(tmp_path), config,
+                                     print_summary=True)
+  report = capsys.readouterr().out
+  assert "quantized layers" in report and "15.97x" in report, report  # 2-bit
+  assert f"{os.path.getsize(path):,} bytes" in report
   from_ckpt = train_lib.evaluate_workdir(str(tmp_path), config)
   from_export = train_lib.evaluate_workdir(str(tmp_path), config,
                                            from_export=path)
