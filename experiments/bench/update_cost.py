@@ -15,7 +15,10 @@ inputs (params, gradients, state) read once and every byte of its outputs
 written once, per parameter. *GB/s* is that traffic over the median time,
 and *% of bw* compares it with the measured bandwidth of a jitted
 ``a x + y`` on large arrays, i.e. how close the step is to the memory-bound
-limit of one fused pass.
+limit of one fused pass. *kernels* and *temp B/param* come from the
+compiled step (:func:`compiled_profile`): how many passes XLA makes and how
+many bytes per parameter of intermediates it writes between them, which is
+where a step slower than its one-pass traffic loses its time.
 
 Usage::
 
@@ -34,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -128,7 +132,31 @@ def make_runner(opt, kind: str, params, grads, grads2):
                                      grads2)
     return box["params"]
 
-  return runner, reads + writes
+  compiled = fn.lower(box["params"], box["state"], grads, grads2).compile()
+  return runner, reads + writes, compiled_profile(compiled)
+
+
+def compiled_profile(compiled) -> Dict[str, float]:
+  """Why a step is slower than one pass: kernels and temporaries.
+
+  ``kernels``: fusions (and other kernels) XLA runs in the step's entry
+  computation, each a pass over its operands; ``temp_bytes``: the scratch
+  memory XLA allocates for intermediates written out between them.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> c = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(8)).compile()
+    >>> compiled_profile(c)["kernels"] >= 1
+    True
+  """
+  text = compiled.as_text()
+  entry = text[text.index("ENTRY"):]
+  kernels = sum(1 for line in entry.splitlines()
+                if re.search(r"= \S+ (fusion|custom-call|reduce|sort)\(",
+                             line))
+  mem = compiled.memory_analysis()
+  temp = float(getattr(mem, "temp_size_in_bytes", 0)) if mem else 0.0
+  return dict(kernels=kernels, temp_bytes=temp)
 
 
 def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
@@ -139,7 +167,7 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
   grads = common.gradient_like(params, seed=1)
   grads2 = common.gradient_like(params, seed=2)
   n = common.num_params(params)
-  runners, traffic, labels = {}, {}, {}
+  runners, traffic, labels, profile = {}, {}, {}, {}
   adam_done = False
   for bits in bits_list:
     for name, (factory, kind) in method_specs(bits).items():
@@ -150,8 +178,8 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
           continue
         adam_done = True
       key = name if name == "adam" else f"{name} @{bits}"
-      runners[key], traffic[key] = make_runner(factory(), kind, params,
-                                               grads, grads2)
+      runners[key], traffic[key], profile[key] = make_runner(
+          factory(), kind, params, grads, grads2)
       labels[key] = (name, "-" if name == "adam" else bits)
   samples = common.time_interleaved(runners, repeats=repeats, warmup=3)
   base = "adam" if "adam" in samples else next(iter(samples))
@@ -163,7 +191,9 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
     rows.append(dict(
         params=params_name, method=labels[key][0], bits=labels[key][1],
         ms=t * 1e3, ratio=ratio[key], bytes_per_param=traffic[key] / n,
-        gbs=gbs, frac_bw=(gbs / bandwidth if bandwidth else float("nan"))))
+        gbs=gbs, frac_bw=(gbs / bandwidth if bandwidth else float("nan")),
+        kernels=profile[key]["kernels"],
+        temp_per_param=profile[key]["temp_bytes"] / n))
   return rows
 
 
@@ -204,9 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
           "rounds")
     print(common.markdown_table(
         ["method", "bits", "ms", "x adam", "bytes/param", "GB/s",
-         "% of bw"],
+         "% of bw", "kernels", "temp B/param"],
         [[x["method"], x["bits"], x["ms"], x["ratio"], x["bytes_per_param"],
-          x["gbs"], 100 * x["frac_bw"]] for x in r]))
+          x["gbs"], 100 * x["frac_bw"], x["kernels"], x["temp_per_param"]]
+         for x in r]))
     rows += r
   sys.stdout.flush()
   return rows
