@@ -320,20 +320,23 @@ def test_ablation_runs_variants_and_writes_a_table(shared_data_dir, tmp_path):
 def test_time_to_accuracy_reads_logged_runs(tmp_path):
   from experiments.bench import time_to_accuracy
   curves = {"laq": [0.95, 0.975, 0.985], "blaq": [0.97, 0.986, 0.99]}
+  dirs = {"laq": tmp_path / "one", "blaq": tmp_path / "two"}
   for method, accs in curves.items():
-    metrics = tmp_path / method / "seed_0" / "metrics"
+    metrics = dirs[method] / method / "seed_0" / "metrics"
     metrics.mkdir(parents=True)
     evals = 2 if method == "blaq" else 1
     metrics.joinpath("epochs.jsonl").write_text("".join(
         json.dumps(dict(epoch=e + 1, test_accuracy=a, wall_time=10.0 * (e + 1),
                         grad_evals=100 * evals * (e + 1), loss_evals=0)) + "\n"
         for e, a in enumerate(accs)))
-  rows = time_to_accuracy.main(["--workdir", str(tmp_path),
-                                "--targets", "0.98,0.995"])
+  both = f"{dirs['laq']},{dirs['blaq']}"  # two comparisons, one table
+  rows = time_to_accuracy.main(["--workdir", both, "--targets", "0.98,0.995"])
   got = {(r["method"], r["target"]): r for r in rows}
   assert got[("laq", 0.98)]["epoch"] == 3 and got[("laq", 0.98)][
       "grad_evals"] == 300
   assert got[("blaq", 0.98)]["epoch"] == 2 and got[("blaq", 0.98)][
       "grad_evals"] == 400
   assert got[("blaq", 0.995)]["reached"] == 0
-  assert (tmp_path / "accuracy_vs_cost_grad_evals.png").stat().st_size > 0
+  assert (dirs["laq"] / "accuracy_vs_cost_grad_evals.png").stat().st_size > 0
+  with pytest.raises(SystemExit, match="'laq' is in more than one"):
+    time_to_accuracy.main(["--workdir", f"{dirs['laq']},{dirs['laq']}"])

@@ -102,7 +102,8 @@ def _cell(x, fmt):
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True,
-                 help="a comparison directory (experiments.compare)")
+                 help="comparison directories (experiments.compare), "
+                 "comma-separated")
   p.add_argument("--methods", default="",
                  help="comma-separated (default: all found)")
   p.add_argument("--targets", default="0.98,0.985",
@@ -114,7 +115,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   if any(not 0 < t <= 1 for t in targets):
     raise SystemExit(f"--targets must be in (0, 1], got {targets}.")
   methods = [m for m in args.methods.split(",") if m] or None
-  runs = load_runs(args.workdir, methods)
+  workdirs = [w for w in args.workdir.split(",") if w]
+  runs = {}
+  for w in workdirs:
+    for method, recs in load_runs(w, methods if len(workdirs) == 1 else None
+                                  ).items():
+      if method in runs:
+        raise SystemExit(f"Method {method!r} is in more than one of "
+                         f"{workdirs}; pass --methods or one workdir each.")
+      if methods is None or method in methods:
+        runs[method] = recs
+  if not runs:
+    raise SystemExit(f"None of the methods {methods} found in {workdirs}.")
   rows = table(runs, targets)
   print(common.markdown_table(
       ["method", "target (%)", "reached", "epochs", "wall time (s)",
@@ -125,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         _cell(r["loss_evals"], ".0f"), f"{100 * r['best']:.2f}",
         f"{r['epochs_run']:.0f}"] for r in rows]))
   first = {m: recs[0] for m, recs in runs.items()}  # seed curves: the first
-  out = args.plot or str(pathlib.Path(args.workdir) / "accuracy_vs_cost.png")
+  out = args.plot or str(pathlib.Path(workdirs[0]) / "accuracy_vs_cost.png")
   stem = out[:-4] if out.endswith(".png") else out
   for x in ("wall_time", "grad_evals"):
     plots.plot_test_accuracy(first, f"{stem}_{x}.png", x=x)
