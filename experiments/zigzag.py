@@ -264,3 +264,79 @@ def format_table(rows: Dict[str, Dict[str, Any]]) -> str:
     lines.append(f"| {name} | {s['amplitude']:.6f} | {s['frequency']:.2f} | "
                  f"{s['steps']} | {s['tracked']} |")
   return "\n".join(lines)
+
+
+def summarize_runs(workdirs: Sequence[str]) -> list:
+  """One row per run found under comparison directories.
+
+  Reads ``<workdir>/<method>/seed_*/summary.json`` (Table 1's statistics of
+  the tracked weights, final accuracy) and ``metrics/epochs.jsonl`` (the
+  per-step signals, averaged over the epochs) of every run.
+
+  Example:
+    >>> import json, pathlib, tempfile
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "laq" / "seed_0"
+    >>> (d / "metrics").mkdir(parents=True)
+    >>> _ = (d / "summary.json").write_text(json.dumps(dict(
+    ...     method="laq", bits=1, seed=0, final_test_accuracy=0.98,
+    ...     zigzag=dict(amplitude=1e-3, amplitude_mean=5e-4, frequency=2.0,
+    ...                 steps=10, tracked=4))))
+    >>> _ = (d / "metrics" / "epochs.jsonl").write_text(json.dumps(dict(
+    ...     flip_fraction=1e-4, update_cosine=0.5)) + chr(10))
+    >>> [(r["method"], r["bits"], r["flips_per_step"]) for r in
+    ...  summarize_runs([str(d.parent.parent)])]
+    [('laq', 1, 0.0001)]
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for workdir in workdirs:
+    summaries = sorted(pathlib.Path(workdir).glob("*/seed_*/summary.json"))
+    if not summaries:
+      raise FileNotFoundError(f"No finished runs (<method>/seed_*/"
+                              f"summary.json) under {workdir}.")
+    for path in summaries:
+      s = json.loads(path.read_text())
+      epochs = [json.loads(line) for line in
+                (path.parent / "metrics" / "epochs.jsonl").read_text()
+                .splitlines() if line.strip()]
+      z = s.get("zigzag") or {}
+      rows.append(dict(
+          workdir=workdir, method=s["method"], bits=s["bits"],
+          seed=s["seed"], test_accuracy=s["final_test_accuracy"],
+          flips_per_step=float(np.mean([e["flip_fraction"] for e in epochs])),
+          update_cosine=float(np.mean([e["update_cosine"] for e in epochs])),
+          amplitude=z.get("amplitude"), amplitude_mean=z.get("amplitude_mean"),
+          frequency=z.get("frequency"), steps=z.get("steps"),
+          tracked=z.get("tracked")))
+  return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list:
+  """``python -m experiments.zigzag DIR...``: the zig-zag table of runs."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description="Zig-zag statistics of the runs "
+                              "of experiments.compare directories.")
+  p.add_argument("workdirs", nargs="+")
+  rows = summarize_runs(p.parse_args(argv).workdirs)
+
+  def num(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+  print("| method | bits | final test acc (%) | flips per step (% of weights) "
+        "| update cosine | amplitude (max) | amplitude (mean) | flips per "
+        "tracked weight | steps x tracked |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  order = {w: i for i, w in
+           enumerate(dict.fromkeys(r["workdir"] for r in rows))}
+  for r in sorted(rows, key=lambda r: (order[r["workdir"]], r["bits"],
+                                       r["method"], r["seed"])):
+    print(f"| {r['method']} | {r['bits']} | {100 * r['test_accuracy']:.2f} "
+          f"| {100 * r['flips_per_step']:.4f} | {r['update_cosine']:.3f} "
+          f"| {num(r['amplitude'], '.2e')} | {num(r['amplitude_mean'], '.2e')}"
+          f" | {num(r['frequency'], '.2f')} | {r['steps']} x {r['tracked']} |")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
