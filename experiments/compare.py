@@ -140,20 +140,22 @@ def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
   plt = plots._pyplot()  # pylint: disable=protected-access
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for method, rs in runs.items():
-    loss, _ = _mean_curve([r["steps"] for r in rs], "step", "loss")
+    # Per-epoch mean: a minibatch's squared hinge loss is often exactly 0.
+    loss, _ = _mean_curve([r["epochs"] for r in rs], "epoch", "train_loss")
     acc, half = _mean_curve([r["epochs"] for r in rs], "epoch",
                             "test_accuracy")
     if loss:
-      ax_loss.plot([r["step"] for r in loss], [r["loss"] for r in loss],
-                   lw=1.0, label=method)
+      ax_loss.plot([r["epoch"] for r in loss],
+                   [r["train_loss"] for r in loss], marker="o", ms=3,
+                   label=method)
     if acc:
       x = np.array([r["epoch"] for r in acc])
       y = 100 * np.array([r["test_accuracy"] for r in acc])
       (line,) = ax_acc.plot(x, y, marker="o", ms=3, label=method)
       ax_acc.fill_between(x, y - 100 * half, y + 100 * half, alpha=0.2,
                           color=line.get_color())
-  ax_loss.set(xlabel="step", ylabel="training loss", yscale="log",
-              title="Training loss (mean over seeds)")
+  ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)",
+              yscale="log", title="Training loss (mean over seeds)")
   ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)",
              title="Test accuracy")
   for ax in (ax_loss, ax_acc):
