@@ -53,6 +53,16 @@ position, counters) and continues; the result is the same as an
 uninterrupted run. A workdir written with another configuration is refused
 (the error names the differing fields) and left untouched; only the fields of
 :data:`RUN_CONTROL_FIELDS` may differ.
+
+**Extending.** ``num_epochs`` may also be raised on resume (e.g. a 10-epoch
+run continued to 50) when nothing in the run depends on its length: the
+learning rate decays per epoch, BLAQ's schedule is one epoch in ``m`` and
+epoch ``e``'s shuffle is seeded by ``(seed, e)``, so the first 10 epochs of
+a 50-epoch run are the 10-epoch run, and the extended run equals the
+uninterrupted 50-epoch one. Methods whose schedule spans the whole run
+(:data:`LENGTH_DEPENDENT_METHODS`: FOGZO's ``beta`` decays over all steps)
+are refused, as is a ``num_epochs`` below the epochs already done.
+``config.json`` then records the new length.
 """
 
 from __future__ import annotations
@@ -87,6 +97,9 @@ from experiments import zigzag
 RUN_CONTROL_FIELDS = ("data_dir", "num_devices", "eval_batch_size",
                       "log_every_steps", "progress_bar", "write_plots",
                       "tensorboard", "stop_after_epochs", "keep_checkpoints")
+# Methods with a schedule over the run's total steps: num_epochs is part of
+# their identity and cannot change on resume.
+LENGTH_DEPENDENT_METHODS = ("fogzo",)
 # Metrics that measure time, not the run's result.
 TIMING_KEYS = ("wall_time", "epoch_time", "steps_per_second")
 METHODS = tuple(sorted(methods.METHODS))
@@ -117,7 +130,9 @@ def _flatten(d: Mapping, prefix: str = "") -> Dict[str, Any]:
 def config_differences(saved: Mapping, current: Mapping) -> List[str]:
   """The fields (dotted names) where two JSON configs differ.
 
-  Fields of :data:`RUN_CONTROL_FIELDS` are ignored.
+  Fields of :data:`RUN_CONTROL_FIELDS` are ignored, and so is ``num_epochs``
+  for methods not in :data:`LENGTH_DEPENDENT_METHODS` (a run may be
+  extended; see the module docstring).
 
   Examples:
     >>> config_differences({"method": "laq", "bits": 1, "seed": 0},
@@ -125,9 +140,13 @@ def config_differences(saved: Mapping, current: Mapping) -> List[str]:
     ["method: 'laq' (saved) vs 'blaq' (now)"]
   """
   a, b = _flatten(saved), _flatten(current)
+  ignored = set(RUN_CONTROL_FIELDS)
+  if (a.get("method") == b.get("method")
+      and b.get("method") not in LENGTH_DEPENDENT_METHODS):
+    ignored.add("num_epochs")
   out = []
   for key in sorted(set(a) | set(b)):
-    if key.split(".")[0] in RUN_CONTROL_FIELDS:
+    if key.split(".")[0] in ignored:
       continue
     va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
     if va != vb:
@@ -153,6 +172,17 @@ def check_workdir_config(workdir: str, config) -> None:
         "was not resumed and nothing in it was changed. Differing fields:\n  "
         + "\n  ".join(diff) + "\nUse a new --workdir, or the saved values "
         f"(see {path}) to resume it.")
+
+
+def _record_num_epochs(workdir: str, config, is_main: bool) -> None:
+  """Writes an extended run's new ``num_epochs`` into its ``config.json``."""
+  if not is_main:
+    return
+  path = pathlib.Path(workdir) / "config.json"
+  saved = json.loads(path.read_text())
+  if saved.get("num_epochs") != config.num_epochs:
+    saved["num_epochs"] = config.num_epochs
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -669,6 +699,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if latest is not None:
     state, saved = ckpt.restore(latest, state, setup.replicated)
     meta.update({k: saved[k] for k in meta})
+    if meta["epoch"] > config.num_epochs:
+      ckpt.close()
+      raise ConfigMismatchError(
+          f"--workdir {workdir} holds {meta['epoch']} epochs; "
+          f"num_epochs={config.num_epochs} would shorten the run. Use "
+          f"num_epochs >= {meta['epoch']} or a new --workdir.")
+  _record_num_epochs(workdir, config, is_main)
   writer.truncate(meta["step"], meta["epoch"])
   zz_dir = pathlib.Path(workdir) / "zigzag"
   if is_main:

@@ -96,6 +96,41 @@ def test_resume_gives_the_same_run(shared_data_dir, tmp_path):
   chex.assert_trees_all_equal(state_a, state_b)
 
 
+def test_extending_num_epochs_gives_the_longer_run(shared_data_dir,
+                                                   tmp_path):
+  # A 1-epoch BLAQ run continued to 3 epochs is the 3-epoch run (the lr
+  # decays per epoch, BLAQ is active one epoch in 2, shuffles are per epoch).
+  config = tiny_config(shared_data_dir, method="blaq", num_epochs=3,
+                       blaq_period_epochs=2, lr_decay_every_epochs=1)
+  straight = train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+  config.num_epochs = 1
+  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  config.num_epochs = 3
+  extended = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  assert _without_timing(_epochs(tmp_path / "b")) == _without_timing(
+      _epochs(tmp_path / "a"))
+  assert extended["final_test_accuracy"] == straight["final_test_accuracy"]
+  saved = json.loads((tmp_path / "b" / "config.json").read_text())
+  assert saved == json.loads((tmp_path / "a" / "config.json").read_text())
+  # Shortening below the epochs done is refused and changes nothing.
+  before = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("*")}
+  config.num_epochs = 2
+  with pytest.raises(train_lib.ConfigMismatchError,
+                     match="holds 3 epochs; num_epochs=2 would shorten"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  assert {p: p.stat().st_mtime_ns
+          for p in (tmp_path / "b").rglob("*")} == before
+
+
+def test_length_dependent_method_cannot_be_extended():
+  # FOGZO's beta decays over the run's total steps: its length is identity.
+  saved = {"method": "fogzo", "num_epochs": 1, "seed": 0}
+  assert train_lib.config_differences(saved, dict(saved, num_epochs=2)) == [
+      "num_epochs: 1 (saved) vs 2 (now)"]
+  saved["method"] = "laq"
+  assert train_lib.config_differences(saved, dict(saved, num_epochs=2)) == []
+
+
 def test_other_config_is_refused_and_workdir_untouched(shared_data_dir,
                                                        tmp_path):
   config = tiny_config(shared_data_dir, method="laq")
