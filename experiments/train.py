@@ -174,15 +174,18 @@ def check_workdir_config(workdir: str, config) -> None:
         f"(see {path}) to resume it.")
 
 
-def _record_num_epochs(workdir: str, config, is_main: bool) -> None:
-  """Writes an extended run's new ``num_epochs`` into its ``config.json``."""
+def _write_config(workdir: str, config, is_main: bool) -> None:
+  """Writes ``config.json`` for a new run, or an extended run's ``num_epochs``."""
   if not is_main:
     return
   path = pathlib.Path(workdir) / "config.json"
-  saved = json.loads(path.read_text())
-  if saved.get("num_epochs") != config.num_epochs:
-    saved["num_epochs"] = config.num_epochs
-    path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+  saved = json.loads(path.read_text()) if path.exists() else None
+  if saved is None:
+    saved = _json_config(config)
+  elif saved.get("num_epochs") == config.num_epochs:
+    return
+  saved["num_epochs"] = config.num_epochs
+  path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -685,9 +688,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_workdir_config(workdir, config)
   setup = Setup(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  if is_main and not (pathlib.Path(workdir) / "config.json").exists():
-    (pathlib.Path(workdir) / "config.json").write_text(
-        json.dumps(_json_config(config), indent=2, sort_keys=True))
 
   ckpt = Checkpoints(os.path.join(workdir, "checkpoints"),
                      config.keep_checkpoints)
@@ -705,7 +705,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f"--workdir {workdir} holds {meta['epoch']} epochs; "
           f"num_epochs={config.num_epochs} would shorten the run. Use "
           f"num_epochs >= {meta['epoch']} or a new --workdir.")
-  _record_num_epochs(workdir, config, is_main)
+  _write_config(workdir, config, is_main)
   writer.truncate(meta["step"], meta["epoch"])
   zz_dir = pathlib.Path(workdir) / "zigzag"
   if is_main:
