@@ -105,6 +105,7 @@ class LossAwareState(NamedTuple):
 
 
 _MASK = optax.MaskedNode()
+BLENDS = ("moments", "lookahead", "gradients")
 
 
 def _is_node(x):
@@ -155,6 +156,7 @@ def loss_aware_quantization(
     opaque: bool = True,
     batch_axis_name: Optional[str] = None,
     moments: str = "real",
+    blend: str = "moments",
     diagnostics: bool = True,
     keep_trial: bool = False,
     tol: float = 1e-6,
@@ -170,6 +172,10 @@ def loss_aware_quantization(
                      f"{KINDS}.")
   if moments not in ("real", "blended"):
     raise ValueError(f"moments must be 'real' or 'blended', got {moments!r}.")
+  if blend not in BLENDS:
+    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
+  if trial and not opaque and blend == "gradients":
+    raise ValueError("blend='gradients' needs the opaque mode (grad_fn).")
   _check_unit_interval("a", a)
   for name, value in (("b1", b1), ("b2", b2)):
     _check_unit_interval(name, value)
@@ -383,7 +389,12 @@ def loss_aware_quantization(
       mbar, dbar = list(mhat), list(den)
       mu_c, nu_c = list(mu_t), list(nu_t)
       for i in q_ix:
-        mbar[i] = a_t * mhat[i] + (1 - a_t) * mu_s[i] / bc1_s
+        if blend == "moments":
+          mbar[i] = a_t * mhat[i] + (1 - a_t) * mu_s[i] / bc1_s
+        elif blend == "lookahead":
+          mbar[i] = a_t * mhat[i] + (1 - a_t) * g_star[i]
+        else:
+          mbar[i] = a_t * g[i] + (1 - a_t) * g_star[i]
         dbar[i] = a_t * den[i] + (1 - a_t) * den_s[i]
         if moments == "blended":
           mu_c[i] = a_t * mu_t[i] + (1 - a_t) * mu_s[i]
@@ -554,6 +565,7 @@ def blaq(
     opaque: bool = True,
     batch_axis_name: Optional[str] = None,
     moments: str = "real",
+    blend: str = "moments",
     diagnostics: bool = True,
     keep_trial: bool = False,
     tol: float = 1e-6,
@@ -599,6 +611,11 @@ def blaq(
     moments: what the next step inherits: ``"real"`` (default; the moments
       of the real gradient, the trial is a look-ahead only) or ``"blended"``
       (``a m_t + (1-a) m*`` and likewise ``v``).
+    blend: the reading of Algorithm 1 (``../shared/METHOD.md``) that forms
+      the backtrack direction ``d`` in ``w_{t+1} = w_t - d / D_bar``:
+      ``"moments"`` (default) ``a m_hat_t + (1-a) m_hat*``; ``"lookahead"``
+      ``a m_hat_t + (1-a) g*``; ``"gradients"`` ``a g_t + (1-a) g*`` (no
+      momentum on active steps; opaque mode only).
     keep_trial: also store ``w*`` and ``g*`` of the last active step in the
       state (two full-size buffers per quantized leaf).
 
@@ -624,6 +641,6 @@ def blaq(
       learning_rate, bits=bits, level_set=level_set, quantize=quantize,
       channel_axis=channel_axis, b1=b1, b2=b2, eps=eps,
       clip_latent=clip_latent, trial=True, a=a, active=active, opaque=opaque,
-      batch_axis_name=batch_axis_name, moments=moments,
+      batch_axis_name=batch_axis_name, moments=moments, blend=blend,
       diagnostics=diagnostics, keep_trial=keep_trial, tol=tol,
       max_iter=max_iter)

@@ -323,7 +323,7 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,
   if name in ("laq", "blaq"):
     kw["bits"] = config.bits
     if name == "blaq":
-      kw.update(a=config.a, moments=config.moments,
+      kw.update(a=config.a, moments=config.moments, blend=config.blend,
                 active=(blaq_schedule(config, steps_per_epoch)
                         if blaq_active is None else blaq_active))
     return methods.create(name, lr, **kw)
