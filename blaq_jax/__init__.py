@@ -32,6 +32,8 @@ from blaq_jax.state import latent_params
 from blaq_jax.state import quantized_params
 from blaq_jax.state import quantized_tensors
 from blaq_jax.state import scales
+from blaq_jax.state import StepCost
+from blaq_jax.state import step_cost
 
 __version__ = "0.1.0"
 

@@ -89,6 +89,7 @@ class FOGZOState(NamedTuple):
       inactive steps).
     grad_cosine: cosine between the gradient given to the inner optimizer
       and the STE gradient, quantized leaves together (1 on STE steps).
+    losses_evaluated: loss evaluations of the last step (``2 n`` if active).
   """
 
   key: jax.Array
@@ -96,6 +97,7 @@ class FOGZOState(NamedTuple):
   beta: jax.Array
   finite_difference: jax.Array
   grad_cosine: jax.Array
+  losses_evaluated: jax.Array
 
 
 def _check_unit_interval(name, value):
@@ -251,7 +253,8 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
     z = jnp.zeros([], jnp.float32)
     return FOGZOState(key=jax.random.PRNGKey(seed),
                       active=jnp.zeros([], jnp.bool_), beta=z,
-                      finite_difference=z, grad_cosine=z)
+                      finite_difference=z, grad_cosine=z,
+                      losses_evaluated=jnp.zeros([], jnp.int32))
 
   def update(state, *, count, grads, latent, steps, surrogate,
              perturbed_params, extra_args):
@@ -285,7 +288,8 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
       est, fd = jax.lax.cond(on, zo, plain, None)
     return est, FOGZOState(key=key, active=jnp.asarray(on, jnp.bool_),
                            beta=b, finite_difference=fd,
-                           grad_cosine=cosine(est, grads))
+                           grad_cosine=cosine(est, grads),
+                           losses_evaluated=2 * n * jnp.asarray(on, jnp.int32))
 
   return Estimator(init, update)
 

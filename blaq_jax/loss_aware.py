@@ -49,6 +49,7 @@ from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import project
 from blaq_jax.state import Diagnostics, QuantizedTensor, init_diagnostics
+from blaq_jax.state import StepCost, make_cost
 from blaq_jax.state import cosine as _cosine
 from blaq_jax.state import fraction_changed as _fraction_changed
 
@@ -89,6 +90,7 @@ class LossAwareState(NamedTuple):
       (for ``update_cosine``; MaskedNode when ``diagnostics=False``).
     trial: :class:`TrialState`.
     diagnostics: :class:`~blaq_jax.state.Diagnostics`.
+    cost: :class:`~blaq_jax.state.StepCost` of the last step.
 
   The curvature ``D`` is not stored (it is a function of ``nu`` and
   ``count``): :func:`curvature` computes it.
@@ -102,6 +104,7 @@ class LossAwareState(NamedTuple):
   prev_update: Any
   trial: TrialState
   diagnostics: Diagnostics
+  cost: StepCost
 
 
 _MASK = optax.MaskedNode()
@@ -231,6 +234,7 @@ def loss_aware_quantization(
             trial_grad=per_q(jnp.zeros_like) if keep_trial else per_q(
                 lambda p: _MASK)),
         diagnostics=init_diagnostics(),
+        cost=make_cost(),
     )
 
   def update_fn(updates, state, params=None, *, grad_fn=None,
@@ -339,7 +343,8 @@ def loss_aware_quantization(
           quantized=qdef.unflatten(new_qts),
           prev_update=treedef.unflatten(new_prev),
           trial=state.trial._replace(pending=jnp.zeros([], jnp.bool_)),
-          diagnostics=diag)
+          diagnostics=diag,
+          cost=make_cost(1 + diag.trial_active.astype(jnp.int32)))
       return to_tree(ups), new_state
 
     no_trial = dict(trial_active=jnp.zeros([], jnp.bool_),
@@ -459,7 +464,7 @@ def loss_aware_quantization(
       return treedef.unflatten(ups), state._replace(
           mu=to_tree(mu_t), nu=to_tree(nu_t),
           trial=state.trial._replace(pending=jnp.ones([], jnp.bool_)),
-          diagnostics=diag)
+          diagnostics=diag, cost=make_cost(1))
 
     def complete_trial(g_star):
       # mu/nu already hold m_t, v_t of the gradient at q_t (first call).

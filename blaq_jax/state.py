@@ -96,6 +96,44 @@ class Diagnostics(NamedTuple):
   trial_grad_cosine: jax.Array
 
 
+class StepCost(NamedTuple):
+  """What the last step cost in evaluations of the model (read with
+  :func:`step_cost`, or ``optax.tree.get(state, "gradient_evaluations")``).
+
+  Attributes:
+    gradient_evaluations: gradients used by the last step, the one passed to
+      ``update`` included (BLAQ's active steps: 2), int32.
+    loss_evaluations: extra loss evaluations of the last step (FOGZO:
+      ``2 n`` on active steps), int32.
+  """
+
+  gradient_evaluations: jax.Array
+  loss_evaluations: jax.Array
+
+
+def make_cost(gradients=1, losses=0) -> StepCost:
+  return StepCost(jnp.asarray(gradients, jnp.int32),
+                  jnp.asarray(losses, jnp.int32))
+
+
+def step_cost(opt_state) -> StepCost:
+  """The :class:`StepCost` of the last step of any optimizer state.
+
+  A state without one (a plain Optax optimizer) used one gradient and no
+  extra loss evaluation.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, blaq_jax
+    >>> int(blaq_jax.step_cost(optax.adam(1e-3).init(jnp.zeros(2)))
+    ...     .gradient_evaluations)
+    1
+  """
+  g = optax.tree.get(opt_state, "gradient_evaluations", default=None)
+  if g is None:
+    return make_cost()
+  return StepCost(g, optax.tree.get(opt_state, "loss_evaluations"))
+
+
 def init_diagnostics() -> Diagnostics:
   z = jnp.zeros([], jnp.float32)
   return Diagnostics(z, z, jnp.zeros([], jnp.bool_), z, z)

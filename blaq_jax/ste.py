@@ -48,6 +48,7 @@ from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import _expand
 from blaq_jax.state import Diagnostics, QuantizedTensor, cosine
 from blaq_jax.state import fraction_changed, init_diagnostics
+from blaq_jax.state import StepCost, make_cost
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 QUANTIZERS = ("sign", "ternary", "uniform")
@@ -73,6 +74,7 @@ class STEState(NamedTuple):
     estimator: state of the gradient estimator replacing the STE gradient
       (:class:`blaq_jax.fogzo.FOGZOState`; ``optax.EmptyState()`` for plain
       STE).
+    cost: :class:`~blaq_jax.state.StepCost` of the last step.
   """
 
   count: jax.Array
@@ -82,6 +84,7 @@ class STEState(NamedTuple):
   prev_update: Any
   diagnostics: Diagnostics
   estimator: Any
+  cost: StepCost
 
 
 class Estimator(NamedTuple):
@@ -197,6 +200,7 @@ def straight_through(
         diagnostics=init_diagnostics(),
         estimator=(estimator.init() if estimator is not None
                    else optax.EmptyState()),
+        cost=make_cost(),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -284,7 +288,8 @@ def straight_through(
         quantized=qdef.unflatten(new_qts),
         prev_update=treedef.unflatten(new_prev),
         diagnostics=diag,
-        estimator=est_state)
+        estimator=est_state,
+        cost=make_cost(1, getattr(est_state, "losses_evaluated", 0)))
     return treedef.unflatten(ups), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
