@@ -454,11 +454,12 @@ def run_grid(cells: Sequence[Cell], settings: Settings, out, *,
 
 def _commit(path: pathlib.Path) -> None:
   """Commits one raw output (this module's results only)."""
-  repo = subprocess.run(["git", "rev-parse", "--show-toplevel"],
-                        capture_output=True, text=True, check=False,
-                        cwd=path.parent).stdout.strip()
-  if not repo:
+  top = subprocess.run(["git", "rev-parse", "--show-toplevel"],
+                       capture_output=True, text=True, check=False,
+                       cwd=path.parent).stdout.strip()
+  if not top:
     return
+  repo = pathlib.Path(top)
   rel = os.path.relpath(path.resolve(), repo)
   for _ in range(10):
     if not (repo / ".git" / "index.lock").exists():
