@@ -1,6 +1,10 @@
 """Tests of the training application (experiments.train, compare, zigzag,
-plots). Runs use an MNIST subset and a narrow MLP so each takes seconds."""
+plots). Runs use an MNIST subset and a narrow MLP so each takes seconds.
 
+Checkpoint integrity is tested in test_checkpointing.py, the command line in
+test_cli.py."""
+
+import functools
 import json
 import os
 import pathlib
@@ -11,9 +15,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
+import optax
 import pytest
 
+import blaq_jax
+from blaq_jax import methods as methods_lib
+from experiments import checkpointing
 from experiments import compare as compare_lib
+from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import plots
 from experiments import train as train_lib
 from experiments import zigzag
@@ -41,12 +52,12 @@ def tiny_config(data_dir, **overrides):
 
 
 def _epochs(workdir):
-  return train_lib.read_jsonl(pathlib.Path(workdir) / "metrics" /
+  return metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics" /
                               "epochs.jsonl")
 
 
 def _without_timing(records):
-  return [{k: v for k, v in r.items() if k not in train_lib.TIMING_KEYS}
+  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS}
           for r in records]
 
 
@@ -64,7 +75,7 @@ def test_quick_one_epoch_two_methods_compare(shared_data_dir, tmp_path):
     run = tmp_path / method / "seed_0"
     for name in ("train_loss", "test_accuracy", "zigzag"):
       assert (run / "plots" / f"{name}.png").stat().st_size > 0
-    steps_log = train_lib.read_jsonl(run / "metrics" / "steps.jsonl")
+    steps_log = metrics_lib.read_jsonl(run / "metrics" / "steps.jsonl")
     assert [r["step"] for r in steps_log] == list(range(5, steps + 1, 5))
     assert all(r["trial_active"] == (method == "blaq") for r in steps_log)
   assert "| laq |" in table and "| blaq |" in table
@@ -115,7 +126,7 @@ def test_extending_num_epochs_gives_the_longer_run(shared_data_dir,
   # Shortening below the epochs done is refused and changes nothing.
   before = {p: p.stat().st_mtime_ns for p in (tmp_path / "b").rglob("*")}
   config.num_epochs = 2
-  with pytest.raises(train_lib.ConfigMismatchError,
+  with pytest.raises(checkpointing.ConfigMismatchError,
                      match="holds 3 epochs; num_epochs=2 would shorten"):
     train_lib.train_and_evaluate(config, str(tmp_path / "b"))
   assert {p: p.stat().st_mtime_ns
@@ -124,11 +135,16 @@ def test_extending_num_epochs_gives_the_longer_run(shared_data_dir,
 
 def test_length_dependent_method_cannot_be_extended():
   # FOGZO's beta decays over the run's total steps: its length is identity.
+  def differences(saved, current):
+    fixed = train_lib.run_length_is_identity(
+        ml_collections.ConfigDict(current))
+    return checkpointing.config_differences(saved, current,
+                                            fixed_length=fixed)
   saved = {"method": "fogzo", "num_epochs": 1, "seed": 0}
-  assert train_lib.config_differences(saved, dict(saved, num_epochs=2)) == [
+  assert differences(saved, dict(saved, num_epochs=2)) == [
       "num_epochs: 1 (saved) vs 2 (now)"]
   saved["method"] = "laq"
-  assert train_lib.config_differences(saved, dict(saved, num_epochs=2)) == []
+  assert differences(saved, dict(saved, num_epochs=2)) == []
 
 
 def test_other_config_is_refused_and_workdir_untouched(shared_data_dir,
@@ -137,7 +153,7 @@ def test_other_config_is_refused_and_workdir_untouched(shared_data_dir,
   train_lib.train_and_evaluate(config, str(tmp_path))
   before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
   other = tiny_config(shared_data_dir, method="blaq", bits=2)
-  with pytest.raises(train_lib.ConfigMismatchError) as err:
+  with pytest.raises(checkpointing.ConfigMismatchError) as err:
     train_lib.train_and_evaluate(other, str(tmp_path))
   assert "method: 'laq' (saved) vs 'blaq' (now)" in str(err.value)
   assert "bits: 1 (saved) vs 2 (now)" in str(err.value)
@@ -152,9 +168,9 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(shared_data_dir):
   assert jax.device_count() == 8  # the root conftest's fake CPU devices
   config = tiny_config(shared_data_dir, num_devices=0, batch_size=100)
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
-    train_lib.make_mesh(config)
+    input_pipeline.make_mesh(config)
   config.batch_size = 96
-  assert train_lib.make_mesh(config).devices.size == 8
+  assert input_pipeline.make_mesh(config).devices.size == 8
 
 
 def test_data_parallel_matches_one_device(shared_data_dir, tmp_path):
@@ -169,7 +185,7 @@ def test_data_parallel_matches_one_device(shared_data_dir, tmp_path):
     losses = []
     for _ in range(3):
       state, m = setup.jit_train_step(
-          state, train_lib.global_batch(setup.mesh, batch))
+          state, input_pipeline.global_batch(setup.mesh, batch))
       losses.append(float(m["loss"]))
     kernel = state["params"]["dense"][0]["kernel"]
     assert len(kernel.sharding.device_set) == n  # replicated over the mesh
@@ -191,7 +207,7 @@ def test_every_method_trains_on_its_level_set(shared_data_dir, method, bits):
     batch = {"image": x[100 * i:100 * (i + 1)],
              "label": y[100 * i:100 * (i + 1)]}
     state, m = setup.jit_train_step(state,
-                                    train_lib.global_batch(setup.mesh, batch))
+                                    input_pipeline.global_batch(setup.mesh, batch))
     assert np.isfinite(float(m["loss"]))
   kernel = np.asarray(state["params"]["dense"][0]["kernel"])
   levels = np.unique(np.abs(kernel))
@@ -205,6 +221,49 @@ def test_every_method_trains_on_its_level_set(shared_data_dir, method, bits):
     assert distinct.size <= 2 ** (bits - 1), levels
   if method in ("fogzo", "n_spsa"):
     assert int(m["loss_evals"]) == 2 * config.fogzo.n
+
+
+def test_train_step_reads_the_cost_from_the_state(shared_data_dir):
+  # The step knows no method: a plain Optax transform costs one gradient,
+  # BLAQ's active step two, FOGZO with n = 3 directions 2n = 6 extra losses.
+  config = tiny_config(shared_data_dir, method="laq", train_size=200,
+                       num_tracked=0)
+  setup = train_lib.Setup(config)
+  x, y = setup.splits["train"]
+  batch = {"image": x[:100], "label": y[:100]}
+  params = setup.init_state["params"]
+  for tx, want in ((optax.sgd(0.1), (1, 0)),
+                   (blaq_jax.blaq(0.01, active=1), (2, 0)),
+                   (blaq_jax.blaq(0.01, active=blaq_jax.never), (1, 0)),
+                   (blaq_jax.fogzo(0.01, n=3), (1, 6))):
+    state = dict(setup.init_state, opt_state=tx.init(params))
+    step = jax.jit(functools.partial(train_lib.train_step,
+                                     graphdef=setup.train_def, tx=tx,
+                                     loss=setup.loss))
+    _, m = step(state, batch)
+    assert (int(m["grad_evals"]), int(m["loss_evals"])) == want, tx
+
+
+@pytest.mark.parametrize("method,bits", [
+    ("bc", 1), ("bwn", 1), ("twn", 2), ("ste", 2), ("laq", 2), ("blaq", 1),
+    ("fogzo", 1), ("n_spsa", 1)])
+def test_factory_asks_every_quantizing_method_for_diagnostics(
+    monkeypatch, method, bits):
+  # The app logs flip_fraction and update_cosine: it must not rely on the
+  # library's default for ``diagnostics``.
+  calls = []
+  create = methods_lib.create
+
+  def spy(name, lr, **kw):
+    calls.append((name, kw))
+    return create(name, lr, **kw)
+
+  monkeypatch.setattr(methods_lib, "create", spy)
+  config = quick.get_config()
+  config.method, config.bits = method, bits
+  train_lib.make_optimizer(config, 10, 100)
+  assert calls == [(method, calls[0][1])]
+  assert calls[0][1]["diagnostics"] is True
 
 
 def test_method_bits_mismatch_is_a_clear_error():
@@ -321,13 +380,15 @@ def test_results_table_and_time_to_target():
                              wall_time=walls[-1]), epochs=epochs, steps=[])
   runs = {"laq": [run(0.9, [0.8, 0.9], [1.0, 2.0])],
           "blaq": [run(0.95, [0.92, 0.95], [1.5, 3.0])]}
-  table = compare_lib.results_table(runs)
-  assert "Target test accuracy: 90.00%" in table
+  # No target given: no time-to-target column (never one read off results).
+  assert "epochs to" not in compare_lib.results_table(runs)
+  table = compare_lib.results_table(runs, 0.9)
+  assert "fixed before the runs: 90.00%" in table
   laq_row = next(line for line in table.splitlines()
                  if line.startswith("| laq"))
   blaq_row = next(line for line in table.splitlines()
                   if line.startswith("| blaq"))
-  assert "| 2.0 ± 0.0 |" in laq_row and "| 1.0 ± 0.0 |" in blaq_row
+  assert "| 2.0 (n = 1) |" in laq_row and "| 1.0 (n = 1) |" in blaq_row
   assert "not reached (1/1 runs)" in compare_lib.results_table(runs, 0.99)
 
 
