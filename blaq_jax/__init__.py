@@ -13,12 +13,13 @@ from blaq_jax import methods
 from blaq_jax.levels import LevelSet
 from blaq_jax.nnx_utils import nnx_grad_fn
 from blaq_jax.nnx_utils import nnx_loss_fn
+from blaq_jax.engine import QuantizedLatentState
+from blaq_jax.engine import check_on_level_set
 from blaq_jax.loss_aware import LossAwareState
 from blaq_jax.loss_aware import TrialState
 from blaq_jax.loss_aware import blaq
 from blaq_jax.loss_aware import curvature
 from blaq_jax.loss_aware import laq
-from blaq_jax.loss_aware import loss_aware_quantization
 from blaq_jax.projection import project
 from blaq_jax.schedules import every_n_steps
 from blaq_jax.schedules import never

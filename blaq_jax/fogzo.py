@@ -71,7 +71,9 @@ from blaq_jax import quantizers
 from blaq_jax import selection
 from blaq_jax.state import cosine
 from blaq_jax.state import dot
-from blaq_jax.ste import Estimator, ScalarOrSchedule, straight_through
+from blaq_jax import engine
+from blaq_jax.ste import STE_OPTIONS, Estimator, ScalarOrSchedule
+from blaq_jax.ste import straight_through
 
 NORMS = ("global", "per_layer")
 Active = Union[int, Callable[[jax.Array], Any]]
@@ -89,7 +91,6 @@ class FOGZOState(NamedTuple):
       inactive steps).
     grad_cosine: cosine between the gradient given to the inner optimizer
       and the STE gradient, quantized leaves together (1 on STE steps).
-    losses_evaluated: loss evaluations of the last step (``2 n`` if active).
   """
 
   key: jax.Array
@@ -97,7 +98,6 @@ class FOGZOState(NamedTuple):
   beta: jax.Array
   finite_difference: jax.Array
   grad_cosine: jax.Array
-  losses_evaluated: jax.Array
 
 
 def _check_unit_interval(name, value):
@@ -253,18 +253,11 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
     z = jnp.zeros([], jnp.float32)
     return FOGZOState(key=jax.random.PRNGKey(seed),
                       active=jnp.zeros([], jnp.bool_), beta=z,
-                      finite_difference=z, grad_cosine=z,
-                      losses_evaluated=jnp.zeros([], jnp.int32))
+                      finite_difference=z, grad_cosine=z)
 
   def update(state, *, count, grads, latent, steps, surrogate,
              perturbed_params, extra_args):
-    loss_fn = extra_args.get("loss_fn")
-    if loss_fn is None:
-      raise ValueError(
-          f"{who} needs the keyword argument loss_fn: update(grads, state, "
-          "params, loss_fn=fn) with fn(params) -> scalar, the loss on the "
-          "same minibatch as grads (two extra forward passes per direction).")
-    parallel.check_axis_bound(batch_axis_name, who)
+    loss_fn = extra_args["loss_fn"]
     key, sub = jax.random.split(state.key)
     b = beta_at(count)
     eps = [eps_scale * quantizers.EPS_BAR[surrogate] * s for s in steps]
@@ -288,15 +281,16 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
       est, fd = jax.lax.cond(on, zo, plain, None)
     return est, FOGZOState(key=key, active=jnp.asarray(on, jnp.bool_),
                            beta=b, finite_difference=fd,
-                           grad_cosine=cosine(est, grads),
-                           losses_evaluated=2 * n * jnp.asarray(on, jnp.int32))
+                           grad_cosine=cosine(est, grads)), (
+                               2 * n * jnp.asarray(on, jnp.int32))
 
-  return Estimator(init, update)
+  return Estimator(init, update, ("loss_fn",))
 
 
 def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
-                  eps_scale, norm, active, seed, batch_axis_name,
-                  directions_batch, who, **ste_kwargs):
+                  eps_scale, norm, active, seed, directions_batch, who,
+                  **ste_kwargs):
+  batch_axis_name = ste_kwargs.get("batch_axis_name")
   n = _check_static_int("n", n, 1)
   if directions_batch is not None:
     directions_batch = _check_static_int("directions_batch",
@@ -330,6 +324,7 @@ def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
                           **ste_kwargs)
 
 
+@engine.with_options(**STE_OPTIONS)
 def fogzo(
     learning_rate: Optional[ScalarOrSchedule],
     *,
@@ -341,21 +336,8 @@ def fogzo(
     norm: str = "global",
     active: Active = 1,
     seed: int = 0,
-    batch_axis_name: Optional[str] = None,
     directions_batch: Optional[int] = None,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    quantizer: str = "sign",
-    bits: Optional[int] = None,
-    level_set: str = "linear",
-    surrogate: Optional[str] = None,
-    scale: quantizers.Scale = "fit",
-    threshold: float = 0.7,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 20,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """First-order-guided zeroth-order training (Yang & Aamodt, 2025).
 
@@ -389,17 +371,16 @@ def fogzo(
       ``lambda s: s >= 7000`` (the last 30% of 10 000). Other steps are plain
       STE steps and call no ``loss_fn``.
     seed: seed of the PRNG key kept in the state.
-    batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis
-      over which the finite differences are averaged.
     directions_batch: evaluate that many directions at once with ``vmap``
       (faster for large ``n``; ``loss_fn`` must be vmappable).
-    optimizer, quantizer, bits, level_set, surrogate, scale, threshold,
-      quantize, channel_axis, clip_latent, diagnostics, tol, max_iter: as in
-      :func:`blaq_jax.ste`; the surrogate also picks ``eps_bar`` and the
-      noise.
+    **options: :func:`blaq_jax.ste`'s arguments (``optimizer``,
+      ``quantizer``, ``bits``, ``level_set``, ``surrogate``, which also
+      picks ``eps_bar`` and the noise, ``scale``, ``threshold``) and the
+      engine's options; under ``pmap``/``shard_map``, ``batch_axis_name``
+      averages the finite differences over the data-parallel axis.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    An ``optax.GradientTransformationExtraArgs`` whose rule state is a
     :class:`blaq_jax.ste.STEState` with a :class:`FOGZOState` estimator.
 
   Examples:
@@ -419,35 +400,19 @@ def fogzo(
   return _zeroth_order(
       learning_rate, beta=beta, beta_min=beta_min,
       beta_decay_steps=beta_decay_steps, n=n, eps_scale=eps_scale, norm=norm,
-      active=active, seed=seed, batch_axis_name=batch_axis_name,
-      directions_batch=directions_batch, who="fogzo", optimizer=optimizer,
-      quantizer=quantizer, bits=bits, level_set=level_set,
-      surrogate=surrogate, scale=scale, threshold=threshold,
-      quantize=quantize, channel_axis=channel_axis, clip_latent=clip_latent,
-      diagnostics=diagnostics, tol=tol, max_iter=max_iter)
+      active=active, seed=seed, directions_batch=directions_batch,
+      who="fogzo", **options)
 
 
+@engine.with_options(**STE_OPTIONS)
 def n_spsa(
     learning_rate: Optional[ScalarOrSchedule],
     *,
     n: int = 1,
     eps_scale: float = 1.0,
     seed: int = 0,
-    batch_axis_name: Optional[str] = None,
     directions_batch: Optional[int] = None,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    quantizer: str = "sign",
-    bits: Optional[int] = None,
-    level_set: str = "linear",
-    surrogate: Optional[str] = None,
-    scale: quantizers.Scale = "fit",
-    threshold: float = 0.7,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 20,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """n-SPSA: the zeroth-order baseline, :func:`fogzo` with ``beta = 0``.
 
@@ -463,9 +428,7 @@ def n_spsa(
   the number of weights over ``n``.
 
   Args:
-    learning_rate, n, eps_scale, seed, batch_axis_name, directions_batch,
-      optimizer, quantizer, bits, level_set, surrogate, scale, threshold,
-      quantize, channel_axis, clip_latent, diagnostics, tol, max_iter: as in
+    learning_rate, n, eps_scale, seed, directions_batch, **options: as in
       :func:`fogzo`.
 
   Returns:
@@ -479,15 +442,10 @@ def n_spsa(
     >>> state = opt.init(params)
     >>> zeros = jax.tree.map(jnp.zeros_like, params)
     >>> updates, state = opt.update(zeros, state, params, loss_fn=loss)
-    >>> bool(state.estimator.active), float(state.estimator.beta)
+    >>> bool(optax.tree.get(state, "active")), float(optax.tree.get(state, "beta"))
     (True, 0.0)
   """
   return _zeroth_order(
       learning_rate, beta=0.0, beta_min=0.0, beta_decay_steps=0, n=n,
       eps_scale=eps_scale, norm="global", active=1, seed=seed,
-      batch_axis_name=batch_axis_name, directions_batch=directions_batch,
-      who="n_spsa", optimizer=optimizer, quantizer=quantizer, bits=bits,
-      level_set=level_set, surrogate=surrogate, scale=scale,
-      threshold=threshold, quantize=quantize, channel_axis=channel_axis,
-      clip_latent=clip_latent, diagnostics=diagnostics, tol=tol,
-      max_iter=max_iter)
+      directions_batch=directions_batch, who="n_spsa", **options)

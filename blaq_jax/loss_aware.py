@@ -10,33 +10,19 @@ the diagonal curvature of LAB,
   D_t = \\frac{\\epsilon + \\sqrt{\\hat v_t}}{\\eta_t},
 
 **LAQ** (Hou et al.) takes ``w_{t+1} = w_t - \\hat m_t / D_t`` and
-``q_{t+1} = \\operatorname{proj}_{D_t}(w_{t+1})``.
+``q_{t+1} = \\operatorname{proj}_{D_t}(w_{t+1})``: an STE whose inner
+optimizer is Adam and whose projection is weighted by ``D``.
 
 **BLAQ** (Ma et al., AAAI 2024, Algorithm 1) first takes the same step as a
-trial, ``w^* = w_t - \\hat m_t / D_t``, ``q^* = \\operatorname{proj}_{D_t}(w^*)``,
-evaluates ``g^* = \\nabla \\ell(q^*)`` on the same minibatch, forms trial
-moments ``m^*, v^*`` (bias-corrected at ``t + 1``) and backtracks:
-
-.. math::
-
-  \\bar m = a \\hat m_t + (1 - a) \\hat m^*,\\quad
-  \\bar D = a D_t + (1 - a) D^*,\\quad
-  w_{t+1} = w_t - \\bar m / \\bar D,\\quad
-  q_{t+1} = \\operatorname{proj}_{\\bar D}(w_{t+1}).
-
-LAQ is BLAQ without the trial stage: both are built by one function here, and
-on steps where BLAQ's ``active`` schedule is false the update is LAQ's and no
-trial gradient is computed (``lax.cond``).
-
-Both emit ``updates = q_{t+1} - params`` so that ``optax.apply_updates`` lands
-on the quantized weights. Leaves that are not quantized (see
-:mod:`blaq_jax.selection`) are trained by plain Adam with the same
-hyper-parameters.
+trial, evaluates the gradient there on the same minibatch and backtracks
+with a blend of the real and the trial step (:func:`blaq`; its three
+readings are in :data:`BLENDS`). Both are rules of the engine
+(:mod:`blaq_jax.engine`); leaves that are not quantized are trained by
+plain Adam with the same hyper-parameters.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -44,17 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blaq_jax import parallel
+from blaq_jax import engine
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import project
-from blaq_jax.state import Diagnostics, QuantizedTensor, init_diagnostics
-from blaq_jax.state import StepCost, make_cost
-from blaq_jax.state import cosine as _cosine
-from blaq_jax.state import fraction_changed as _fraction_changed
+from blaq_jax.state import cosine, fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Active = Union[int, Callable[[jax.Array], Any]]
+BLENDS = ("moments", "lookahead", "gradients")
+MASK = optax.MaskedNode()
 
 
 class TrialState(NamedTuple):
@@ -64,67 +49,36 @@ class TrialState(NamedTuple):
     pending: transparent mode only: True after a call that moved the params
       to the trial point ``q*``; the next call's gradient is the trial
       gradient ``g*`` and completes the step. Always False in opaque mode.
+    real_grad: transparent mode only: the real gradient ``g_t`` of quantized
+      leaves, kept for the second call (MaskedNode otherwise).
     trial_latent: the trial latent weights ``w*`` of the last active step
       (quantized leaves; only with ``keep_trial=True``, else MaskedNode).
     trial_grad: the trial gradient ``g*`` of the last active step (same).
   """
 
   pending: jax.Array
+  real_grad: Any
   trial_latent: Any
   trial_grad: Any
 
 
 class LossAwareState(NamedTuple):
-  """State of :func:`laq` and :func:`blaq`.
+  """The rule state of :func:`laq` and :func:`blaq` (inside
+  :class:`~blaq_jax.engine.QuantizedLatentState`, field ``rule``).
 
   Attributes:
-    count: number of completed (real) steps, int32.
     mu: Adam first moments of every leaf (of the gradient w.r.t. ``q`` for
       quantized leaves).
     nu: Adam second moments of every leaf.
-    latent: latent full-precision weights ``w`` (MaskedNode at leaves trained
-      in full precision).
-    quantized: :class:`~blaq_jax.state.QuantizedTensor` (codes and ``alpha``)
-      of the current quantized weights ``q_t`` (MaskedNode elsewhere).
-    prev_update: the last latent update ``w_{t} - w_{t-1}`` of quantized leaves
-      (for ``update_cosine``; MaskedNode when ``diagnostics=False``).
-    trial: :class:`TrialState`.
-    diagnostics: :class:`~blaq_jax.state.Diagnostics`.
-    cost: :class:`~blaq_jax.state.StepCost` of the last step.
+    trial: :class:`TrialState` (``optax.EmptyState()`` for LAQ).
 
-  The curvature ``D`` is not stored (it is a function of ``nu`` and
-  ``count``): :func:`curvature` computes it.
+  The curvature ``D`` is not stored (a function of ``nu`` and the count):
+  :func:`curvature` computes it.
   """
 
-  count: jax.Array
   mu: Any
   nu: Any
-  latent: Any
-  quantized: Any
-  prev_update: Any
-  trial: TrialState
-  diagnostics: Diagnostics
-  cost: StepCost
-
-
-_MASK = optax.MaskedNode()
-BLENDS = ("moments", "lookahead", "gradients")
-
-
-def _is_node(x):
-  return isinstance(x, (optax.MaskedNode, QuantizedTensor))
-
-
-def _flat(treedef, tree):
-  return treedef.flatten_up_to(tree)
-
-
-def _check_unit_interval(name, value):
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  v = np.asarray(value)
-  if v.shape != () or not 0.0 <= float(v) <= 1.0:
-    raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
+  trial: Any
 
 
 def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
@@ -132,375 +86,251 @@ def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
   """The diagonal curvature ``D = (eps + sqrt(v_hat)) / eta`` of the state.
 
   Uses the stored second moment (``nu``) and count; ``b2``/``eps`` must be
-  those of the transform. MaskedNode-free: returned for every leaf.
+  those of the transform. Returned for every leaf.
   """
   from blaq_jax.state import _find  # pylint: disable=g-import-not-at-top
   count = _find(opt_state, "count")
-  nu = _find(opt_state, "nu")
+  nu = optax.tree.get(opt_state, "nu")
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
   bc = 1 - b2 ** count.astype(jnp.float32)
   return jax.tree.map(lambda v: (eps + jnp.sqrt(v / bc)) / lr, nu)
 
 
-def loss_aware_quantization(
-    learning_rate: ScalarOrSchedule,
-    *,
-    bits: int = 1,
-    level_set: str = "blaq",
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    clip_latent: Optional[float] = None,
-    trial: bool = False,
-    a: ScalarOrSchedule = 0.6,
-    active: Active = 1,
-    opaque: bool = True,
-    batch_axis_name: Optional[str] = None,
-    moments: str = "real",
-    blend: str = "moments",
-    diagnostics: bool = True,
-    keep_trial: bool = False,
-    tol: float = 1e-6,
-    max_iter: int = 20,
-) -> optax.GradientTransformationExtraArgs:
-  """The one implementation behind :func:`laq` (``trial=False``) and :func:`blaq`.
+def _is_active(active, count):
+  """True, False, or a traced bool (then the step uses lax.cond)."""
+  if isinstance(active, (int, np.integer)):
+    return True if active == 1 else count % active == 0
+  on = active(count)
+  return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
+      on, jnp.bool_)
 
-  See :func:`blaq` for the arguments.
-  """
-  bits = check_bits(bits, "blaq" if level_set not in KINDS else level_set)
-  if level_set not in KINDS:
-    raise ValueError(f"Unknown level_set {level_set!r}; expected one of "
-                     f"{KINDS}.")
-  if moments not in ("real", "blended"):
-    raise ValueError(f"moments must be 'real' or 'blended', got {moments!r}.")
-  if blend not in BLENDS:
-    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
-  if trial and not opaque and blend == "gradients":
-    raise ValueError("blend='gradients' needs the opaque mode (grad_fn).")
-  _check_unit_interval("a", a)
-  for name, value in (("b1", b1), ("b2", b2)):
-    _check_unit_interval(name, value)
-  if isinstance(active, bool) or not (
+
+def _check_active(active):
+  if isinstance(active, (bool, np.bool_)) or not (
       callable(active) or (isinstance(active, (int, np.integer))
                            and active >= 1)):
     raise ValueError(
         "active must be a positive int period (1 = every step) or a callable "
         f"step -> bool, got {active!r}.")
-  if clip_latent is not None and not clip_latent > 0:
-    raise ValueError(f"clip_latent must be positive or None, got "
-                     f"{clip_latent!r}.")
-  who = "blaq" if trial else "laq"
 
-  def layout(params):
-    """Static per-leaf description: bit width (0 = full precision)."""
-    selection.check_float_leaves(params, who)
+
+def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
+          blend="moments", moments="real", opaque=True, keep_trial=False):
+  """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ."""
+
+  def init(params, quantized):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    if not trial:
+      return LossAwareState(zeros(), zeros(), optax.EmptyState())
     leaves, treedef = jax.tree.flatten(params)
-    bl = selection.resolve_bits(params, quantize, bits, level_set)
-    sets = [LevelSet(level_set, b) if b else None for b in bl]
-    return leaves, treedef, sets
+    per_q = lambda on: treedef.unflatten(  # noqa: E731
+        [jnp.zeros_like(p) if on and qi else MASK
+         for p, qi in zip(leaves, quantized)])
+    return LossAwareState(zeros(), zeros(), TrialState(
+        pending=jnp.zeros([], jnp.bool_),
+        real_grad=per_q(not opaque), trial_latent=per_q(keep_trial),
+        trial_grad=per_q(keep_trial)))
 
-  def init_fn(params):
-    leaves, treedef, sets = layout(params)
-    qidx = [i for i, s in enumerate(sets) if s]
-
-    def per_q(fn):
-      return treedef.unflatten(
-          [fn(p) if s else _MASK for p, s in zip(leaves, sets)])
-
-    def quantize_leaf(p, s):
-      alpha, codes = project(p, jnp.ones_like(p, jnp.float32), s,
-                             channel_axis=channel_axis, tol=tol,
-                             max_iter=max_iter)
-      return QuantizedTensor(codes, alpha, s, channel_axis)
-
-    del qidx
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return LossAwareState(
-        count=jnp.zeros([], jnp.int32),
-        mu=zeros,
-        nu=jax.tree.map(jnp.zeros_like, params),
-        latent=per_q(lambda p: jnp.array(p, copy=True)),
-        quantized=selection.pure_structure(params).unflatten(
-            [quantize_leaf(p, s) if s else _MASK
-             for p, s in zip(leaves, sets)]),
-        prev_update=per_q(jnp.zeros_like) if diagnostics else per_q(
-            lambda p: _MASK),
-        trial=TrialState(
-            pending=jnp.zeros([], jnp.bool_),
-            trial_latent=per_q(jnp.zeros_like) if keep_trial else per_q(
-                lambda p: _MASK),
-            trial_grad=per_q(jnp.zeros_like) if keep_trial else per_q(
-                lambda p: _MASK)),
-        diagnostics=init_diagnostics(),
-        cost=make_cost(),
-    )
-
-  def update_fn(updates, state, params=None, *, grad_fn=None,
-                curvature_fn=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError(f"{who} needs params: call update(grads, state, "
-                       "params).")
-    leaves, treedef, sets = layout(params)
-    selection.check_same_structure(params, updates, f"{who}: the gradient")
-    if trial and opaque and grad_fn is None:
-      raise ValueError(
-          "blaq in opaque mode needs the keyword argument grad_fn: "
-          "update(grads, state, params, grad_fn=fn) with fn(params) -> grads "
-          "on the same minibatch (see blaq_jax.nnx_grad_fn for Flax NNX), "
-          "or build it with blaq(..., opaque=False) for the transparent mode.")
-    if curvature_fn is not None and trial and not opaque:
-      raise ValueError("curvature_fn is supported in opaque mode only.")
-    if trial and opaque:  # fail on every step, not just on active ones
-      parallel.check_axis_bound(batch_axis_name, who)
-    q_ix = [i for i, s in enumerate(sets) if s]
-    n_q = int(sum(np.prod(leaves[i].shape) for i in q_ix))
-
-    lr = learning_rate(state.count) if callable(learning_rate) else (
+  def step(ctx, state):
+    treedef = jax.tree.structure(ctx.params)
+    leaves = treedef.flatten_up_to(ctx.params)
+    q = ctx.is_quantized
+    lr = learning_rate(ctx.count) if callable(learning_rate) else (
         learning_rate)
-    a_t = a(state.count) if callable(a) else a
-    g = [x.astype(jnp.float32) for x in _flat(treedef, updates)]
-    mu = [x.astype(jnp.float32) for x in _flat(treedef, state.mu)]
-    nu = [x.astype(jnp.float32) for x in _flat(treedef, state.nu)]
-    latent = _flat(treedef, state.latent)
-    qdef = selection.pure_structure(params)  # see pure_structure
-    qts = _flat(qdef, state.quantized)
-    prev = _flat(treedef, state.prev_update)
-    for i in q_ix:
-      if not isinstance(qts[i], QuantizedTensor) or qts[i].level_set != sets[i]:
-        raise ValueError(
-            f"{who}: the state does not match this optimizer's configuration "
-            f"at leaf '{selection.path_str(jax.tree_util.tree_flatten_with_path(params)[0][i][0])}'"
-            f" (state: {getattr(qts[i], 'level_set', qts[i])}, optimizer: "
-            f"{sets[i]}); was it created by another config?")
+    a_t = a(ctx.count) if callable(a) else a
+    t = optax.safe_increment(ctx.count)
+    t2 = optax.safe_increment(t)
+    curvature_fn = ctx.extra_args.get("curvature_fn")
+    if trial and not opaque and curvature_fn is not None:
+      raise ValueError("curvature_fn is supported in opaque mode only.")
 
-    def bias_correction(t):
-      t = t.astype(jnp.float32)
-      return 1 - b1 ** t, 1 - b2 ** t
+    def tree(xs):
+      return treedef.unflatten([x.astype(p.dtype) for x, p in zip(xs, leaves)])
 
-    def adam_moments(mu, nu, g):
-      return ([b1 * m + (1 - b1) * x for m, x in zip(mu, g)],
-              [b2 * v + (1 - b2) * x * x for v, x in zip(nu, g)])
+    def q_tree(xs, on):
+      return treedef.unflatten([x.astype(p.dtype) if (qi and on) else MASK
+                                for x, p, qi in zip(xs, leaves, q)])
 
-    def denominators(nu, t, at_params):
-      """``eta * D`` per leaf: ``eps + sqrt(v_hat)``, or ``eta * D_user``."""
+    def adam(g, mu, nu, count, at):
+      """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22)."""
+      mu = optax.tree.update_moment(g, mu, b1, 1)
+      nu = optax.tree.update_moment_per_elem_norm(g, nu, b2, 2)
+      m_hat = optax.tree.bias_correction(mu, b1, count)
       if curvature_fn is None:
-        bc2 = bias_correction(t)[1]
-        return [eps + jnp.sqrt(v / bc2) for v in nu]
-      user = curvature_fn(at_params)
-      selection.check_same_structure(params, user,
-                                     f"{who}: curvature_fn's output")
-      return [lr * x.astype(jnp.float32) for x in _flat(treedef, user)]
+        v_hat = optax.tree.bias_correction(nu, b2, count)
+        den = [eps + jnp.sqrt(v) for v in v_hat]
+      else:
+        user = curvature_fn(at)
+        selection.check_same_structure(ctx.params, user,
+                                       "curvature_fn's output")
+        den = [lr * x.astype(jnp.float32)
+               for x in treedef.flatten_up_to(user)]
+      return mu, nu, m_hat, den
 
-    def to_tree(xs, dtype_like=True):
-      out = [x.astype(p.dtype) if dtype_like and not _is_node(x) else x
-             for x, p in zip(xs, leaves)]
-      return treedef.unflatten(out)
-
-    def masked(xs):
-      return [xs[i] if sets[i] else _MASK for i in range(len(leaves))]
-
-    def proj(w, d, qt):
-      alpha, codes = project(w, d, qt.level_set, channel_axis=channel_axis,
-                             prev_codes=qt.codes, prev_alpha=qt.alpha,
-                             tol=tol, max_iter=max_iter)
-      return QuantizedTensor(codes, alpha, qt.level_set, qt.channel_axis)
-
-    def finish(mu_new, nu_new, mhat, den, t, trial_diag):
-      """Latent step ``w - eta * mhat / den``, projection, emitted updates."""
-      ups, new_latent, new_qts, steps = [], list(latent), list(qts), []
-      for i, p in enumerate(leaves):
-        step = lr * mhat[i] / den[i]
-        if not sets[i]:
-          ups.append(-step.astype(p.dtype))
-          continue
-        w = latent[i].astype(jnp.float32) - step
-        if clip_latent is not None:
-          w = jnp.clip(w, -clip_latent, clip_latent)
-        qt = proj(w, den[i], qts[i])
-        steps.append(w - latent[i].astype(jnp.float32))
-        new_latent[i] = w.astype(latent[i].dtype)
-        new_qts[i] = qt
-        ups.append(qt.dequantize(p.dtype) - p)
-      prev_steps = [prev[i] for i in q_ix] if diagnostics else []
-      diag = Diagnostics(
-          flip_fraction=_fraction_changed(
-              [new_qts[i].codes for i in q_ix], [qts[i].codes for i in q_ix],
-              n_q),
-          update_cosine=(_cosine(steps, prev_steps) if diagnostics
-                         else jnp.zeros([], jnp.float32)),
-          **trial_diag)
-      new_prev = masked([None] * len(leaves))
-      if diagnostics:
-        for k, i in enumerate(q_ix):
-          new_prev[i] = steps[k].astype(leaves[i].dtype)
-      new_state = state._replace(
-          count=t,
-          mu=to_tree(mu_new), nu=to_tree(nu_new),
-          latent=treedef.unflatten(new_latent),
-          quantized=qdef.unflatten(new_qts),
-          prev_update=treedef.unflatten(new_prev),
-          trial=state.trial._replace(pending=jnp.zeros([], jnp.bool_)),
-          diagnostics=diag,
-          cost=make_cost(1 + diag.trial_active.astype(jnp.int32)))
-      return to_tree(ups), new_state
-
-    no_trial = dict(trial_active=jnp.zeros([], jnp.bool_),
-                    trial_flip_fraction=jnp.zeros([], jnp.float32),
-                    trial_grad_cosine=jnp.zeros([], jnp.float32))
-
-    def real_moments(g):
-      """Moments and corrected quantities of the real gradient at step t."""
-      t = optax.safe_increment(state.count)
-      mu_t, nu_t = adam_moments(mu, nu, g)
-      bc1 = bias_correction(t)[0]
-      mhat = [m / bc1 for m in mu_t]
-      return t, mu_t, nu_t, mhat
+    f32 = lambda tr: [x.astype(jnp.float32)  # noqa: E731
+                      for x in treedef.flatten_up_to(tr)]
+    mu0, nu0 = f32(state.mu), f32(state.nu)
 
     def laq_step(g):
-      t, mu_t, nu_t, mhat = real_moments(g)
-      den = denominators(nu_t, t, params)
-      return finish(mu_t, nu_t, mhat, den, t, no_trial)
+      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params)
+      w = [w - lr * m / d for w, m, d in zip(ctx.latent, m_hat, den)]
+      return w, den, (mu, nu), state.trial, jnp.ones([], jnp.bool_), (
+          trial_stats(None, None, g, None))
 
-    def trial_latent(mhat, den):
-      """``w* = w - eta mhat / D`` per quantized leaf (the LAQ step)."""
-      out = {}
-      for i in q_ix:
-        w = latent[i].astype(jnp.float32) - lr * mhat[i] / den[i]
-        if clip_latent is not None:
-          w = jnp.clip(w, -clip_latent, clip_latent)
-        out[i] = w
-      return out
-
-    def trial_point(mhat, den):
-      """``w*`` and ``q* = proj_D(w*)`` per quantized leaf, and the params."""
-      w_star = trial_latent(mhat, den)
-      q_star = {i: proj(w_star[i], den[i], qts[i]) for i in q_ix}
-      trial_params = treedef.unflatten([
-          q_star[i].dequantize(p.dtype) if sets[i] else p
-          for i, p in enumerate(leaves)])
-      return w_star, q_star, trial_params
-
-    def backtrack(t, mu_t, nu_t, mhat, den, g, g_star, w_star, q_star,
-                  trial_params):
-      """Stage 2: blend the trial moments into the real step."""
-      g_star = [x.astype(jnp.float32) for x in g_star]
-      mu_s, nu_s = adam_moments(mu_t, nu_t, g_star)
-      t_s = optax.safe_increment(t)
-      bc1_s = bias_correction(t_s)[0]
-      den_s = denominators(nu_s, t_s, trial_params)
-      mbar, dbar = list(mhat), list(den)
-      mu_c, nu_c = list(mu_t), list(nu_t)
-      for i in q_ix:
-        if blend == "moments":
-          mbar[i] = a_t * mhat[i] + (1 - a_t) * mu_s[i] / bc1_s
-        elif blend == "lookahead":
-          mbar[i] = a_t * mhat[i] + (1 - a_t) * g_star[i]
-        else:
-          mbar[i] = a_t * g[i] + (1 - a_t) * g_star[i]
-        dbar[i] = a_t * den[i] + (1 - a_t) * den_s[i]
-        if moments == "blended":
-          mu_c[i] = a_t * mu_t[i] + (1 - a_t) * mu_s[i]
-          nu_c[i] = a_t * nu_t[i] + (1 - a_t) * nu_s[i]
-      diag = dict(
+    def trial_stats(on, q_star, g, g_star):
+      if not ctx.diagnostics:
+        return None
+      if on is None:
+        z = jnp.zeros([], jnp.float32)
+        return dict(trial_active=jnp.zeros([], jnp.bool_),
+                    trial_flip_fraction=z, trial_grad_cosine=z)
+      ix = [i for i, qi in enumerate(q) if qi]
+      n_q = int(sum(np.prod(leaves[i].shape) for i in ix))
+      return dict(
           trial_active=jnp.ones([], jnp.bool_),
-          trial_flip_fraction=_fraction_changed(
-              [q_star[i].codes for i in q_ix], [qts[i].codes for i in q_ix],
-              n_q),
-          trial_grad_cosine=_cosine([g[i] for i in q_ix],
-                                    [g_star[i] for i in q_ix]))
-      ups, new_state = finish(mu_c, nu_c, mbar, dbar, t, diag)
-      if keep_trial:
-        new_state = new_state._replace(trial=new_state.trial._replace(
-            trial_latent=to_tree(masked(
-                [w_star.get(i) for i in range(len(leaves))])),
-            trial_grad=to_tree(masked(g_star))))
-      return ups, new_state
+          trial_flip_fraction=fraction_changed(
+              [q_star[i].codes for i in ix],
+              [ctx.quantized[i].codes for i in ix], n_q),
+          trial_grad_cosine=(jnp.zeros([], jnp.float32) if g is None else
+                             cosine([g[i] for i in ix],
+                                    [g_star[i] for i in ix])))
 
-    def blaq_opaque_step(g):
-      t, mu_t, nu_t, mhat = real_moments(g)
-      den = denominators(nu_t, t, params)
-      w_star, q_star, trial_params = trial_point(mhat, den)
-      g_star_tree = grad_fn(trial_params)
-      selection.check_same_structure(params, g_star_tree,
-                                     "blaq: the output of grad_fn")
-      g_star_tree = parallel.pmean(g_star_tree, batch_axis_name, who=who)
-      return backtrack(t, mu_t, nu_t, mhat, den, g,
-                       _flat(treedef, g_star_tree), w_star, q_star,
-                       trial_params)
+    def backtrack(g, g_star, mu, nu, m_hat, den):
+      """Lines 21-24 of Algorithm 1 (the real step of quantized leaves)."""
+      mu_s, nu_s, m_hat_s, den_s = adam(g_star, mu, nu, t2, ctx.params)
+      direction = {  # line 21, in the three readings (BLENDS)
+          "moments": lambda i: a_t * m_hat[i] + (1 - a_t) * m_hat_s[i],
+          "lookahead": lambda i: a_t * m_hat[i] + (1 - a_t) * g_star[i],
+          "gradients": lambda i: a_t * g[i] + (1 - a_t) * g_star[i],
+      }[blend]
+      w, d_bar, mu_n, nu_n = list(ctx.latent), list(den), list(mu), list(nu)
+      for i, w_i in enumerate(ctx.latent):
+        if not q[i]:
+          w[i] = w_i - lr * m_hat[i] / den[i]
+          continue
+        d_bar[i] = a_t * den[i] + (1 - a_t) * den_s[i]  # line 23
+        w[i] = w_i - lr * direction(i) / d_bar[i]  # line 24 (proj: engine)
+        if moments == "blended":
+          mu_n[i] = a_t * mu[i] + (1 - a_t) * mu_s[i]
+          nu_n[i] = a_t * nu[i] + (1 - a_t) * nu_s[i]
+      return w, d_bar, (mu_n, nu_n)
 
-    def gated(step_fn, g):
-      """``step_fn`` on active steps, LAQ's step otherwise (lax.cond)."""
-      if isinstance(active, (int, np.integer)):
-        if active == 1:
-          return step_fn(g)
-        on = state.count % active == 0
-      else:
-        on = active(state.count)
-        if isinstance(on, (bool, np.bool_)):
-          return step_fn(g) if on else laq_step(g)
-      return jax.lax.cond(jnp.asarray(on, jnp.bool_), step_fn, laq_step, g)
+    def trial_point(g):
+      """Lines 13-16: moments, ``D_t``, ``w* = w_t - m_hat / D_t``, ``q*``."""
+      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params)
+      w_star = [w - lr * m / d if qi else w
+                for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
+      return mu, nu, m_hat, den, w_star, ctx.project(w_star, den)
+
+    def algorithm_1(g):
+      """One active step of BLAQ, opaque mode (the appendix's numbering)."""
+      mu, nu, m_hat, den, w_star, q_star = trial_point(g)  # 1-16
+      g_star, finite = ctx.gradient(ctx.params_at(q_star))  # 17-20
+      w, d_bar, new_moments = backtrack(g, g_star, mu, nu, m_hat, den)  # 21-24
+      kept = state.trial._replace(
+          trial_latent=q_tree(w_star, keep_trial),
+          trial_grad=q_tree(g_star, keep_trial))
+      return w, d_bar, new_moments, kept, finite, trial_stats(
+          True, q_star, g, g_star)
+
+    def gated(active_fn, g):
+      on = _is_active(active, ctx.count)
+      if on is True or on is False:
+        return active_fn(g) if on else laq_step(g)
+      return jax.lax.cond(on, active_fn, laq_step, g)
+
+    def result(out, gradients, commit=True):
+      w, weight, (mu, nu), trial_state, finite, stats = out
+      return engine.Step(
+          latent=w, weight=weight,
+          rule=LossAwareState(tree(mu), tree(nu), trial_state),
+          finite=finite, commit=commit, gradients=gradients, trial=stats)
 
     if not trial:
-      return laq_step(g)
+      return result(laq_step(ctx.grads), 1)
+    active_now = _is_active(active, ctx.count)
     if opaque:
-      return gated(blaq_opaque_step, g)
+      grads_used = (2 if active_now is True else 1 if active_now is False
+                    else 1 + jnp.asarray(active_now, jnp.int32))
+      return result(gated(algorithm_1, ctx.grads), grads_used)
 
     # Transparent mode: an active step takes two calls. The first moves the
-    # params to the trial point; the second brings the trial gradient.
-    def start_trial(g):
-      t, mu_t, nu_t, mhat = real_moments(g)
-      den = denominators(nu_t, t, params)
-      _, q_star, _ = trial_point(mhat, den)
-      ups = [q_star[i].dequantize(p.dtype) - p if sets[i]
-             else jnp.zeros_like(p) for i, p in enumerate(leaves)]
-      diag = state.diagnostics._replace(
-          trial_active=jnp.ones([], jnp.bool_),
-          trial_flip_fraction=_fraction_changed(
-              [q_star[i].codes for i in q_ix], [qts[i].codes for i in q_ix],
-              n_q))
-      return treedef.unflatten(ups), state._replace(
-          mu=to_tree(mu_t), nu=to_tree(nu_t),
-          trial=state.trial._replace(pending=jnp.ones([], jnp.bool_)),
-          diagnostics=diag, cost=make_cost(1))
+    # params to the trial point q*; the second brings g* and backtracks.
+    def start(g):
+      mu, nu, m_hat, den, w_star, q_star = trial_point(g)
+      del m_hat
+      visit = [w if qi else p for w, p, qi in zip(w_star, ctx.latent, q)]
+      return (visit, den, (mu, nu), state.trial._replace(
+          pending=jnp.ones([], jnp.bool_), real_grad=q_tree(g, True)),
+          jnp.ones([], jnp.bool_), trial_stats(True, q_star, None, None),
+          jnp.zeros([], jnp.bool_))
 
-    def complete_trial(g_star):
-      # mu/nu already hold m_t, v_t of the gradient at q_t (first call).
-      t = optax.safe_increment(state.count)
-      bc1 = bias_correction(t)[0]
-      mhat = [m / bc1 for m in mu]
-      den = denominators(nu, t, params)
-      q_now = {i: qts[i] for i in q_ix}  # q* itself is not needed any more
-      ups, new_state = backtrack(t, mu, nu, mhat, den, g_star, g_star,
-                                 trial_latent(mhat, den), q_now, params)
-      # The trial statistics were computed by the first call; the gradient
-      # at q_t is gone by now, so the cosine to g* is not available.
-      return ups, new_state._replace(diagnostics=new_state.diagnostics._replace(
-          trial_flip_fraction=state.diagnostics.trial_flip_fraction,
-          trial_grad_cosine=jnp.zeros([], jnp.float32)))
+    def complete(g_star):
+      g = [x.astype(jnp.float32) if qi else gs for x, gs, qi in zip(
+          treedef.flatten_up_to(state.trial.real_grad), g_star, q)]
+      m_hat = optax.tree.bias_correction(mu0, b1, t)
+      den = [eps + jnp.sqrt(v)
+             for v in optax.tree.bias_correction(nu0, b2, t)]
+      w, d_bar, new_moments = backtrack(g, g_star, mu0, nu0, m_hat, den)
+      stats = None
+      if ctx.diagnostics:  # the trial statistics of the first call
+        stats = dict(trial_active=jnp.ones([], jnp.bool_),
+                     trial_flip_fraction=ctx.last_stats.trial_flip_fraction,
+                     trial_grad_cosine=jnp.zeros([], jnp.float32))
+      return (w, d_bar, new_moments, state.trial._replace(
+          pending=jnp.zeros([], jnp.bool_)), jnp.ones([], jnp.bool_), stats,
+              jnp.ones([], jnp.bool_))
 
-    return jax.lax.cond(state.trial.pending, complete_trial,
-                        lambda g: gated(start_trial, g), g)
+    def laq_commit(g):
+      return laq_step(g) + (jnp.ones([], jnp.bool_),)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def first(g):
+      on = _is_active(active, ctx.count)
+      if on is True or on is False:
+        return start(g) if on else laq_commit(g)
+      return jax.lax.cond(on, start, laq_commit, g)
+
+    out = jax.lax.cond(state.trial.pending, complete, first, ctx.grads)
+    return result(out[:-1], 1, commit=out[-1])
+
+  return engine.Rule(init, step, _project, ())
 
 
+def _project(w, d, level_set, prev, **options):
+  """``proj_D`` (Algorithm 2), warm-started from the previous codes."""
+  return project(w, jnp.ones_like(w) if d is None else d, level_set,
+                 prev_codes=None if prev is None else prev.codes,
+                 prev_alpha=None if prev is None else prev.alpha, **options)
+
+
+def _level_sets(level_set, bits):
+  bits = check_bits(bits, level_set if level_set in KINDS else "blaq")
+  if level_set not in KINDS:
+    raise ValueError(f"Unknown level_set {level_set!r}; expected one of "
+                     f"{KINDS}.")
+
+  def level_sets(params, quantize):
+    return [LevelSet(level_set, b) if b else None
+            for b in selection.resolve_bits(params, quantize, bits,
+                                            level_set)]
+  return level_sets
+
+
+def _check_adam(b1, b2):
+  for name, value in (("b1", b1), ("b2", b2)):
+    engine.check_unit_interval(name, value)
+
+
+@engine.with_options()
 def laq(
     learning_rate: ScalarOrSchedule,
     *,
     bits: int = 1,
     level_set: str = "blaq",
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 20,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """Loss-aware weight quantization (LAB / LAQ, Hou et al. 2017, 2018).
 
@@ -519,16 +349,11 @@ def laq(
     level_set: ``"blaq"`` (the BLAQ paper's set without zero, default),
       ``"linear"`` (with zero; 2 bits = ternary) or ``"log"``; see
       :mod:`blaq_jax.levels`.
-    quantize: which leaves are quantized and at how many bits; see
-      :mod:`blaq_jax.selection` (default: dense/conv kernels).
-    channel_axis: ``None`` for one scale per tensor; an axis (``-1`` for Flax
-      kernels' output axis) for one scale per channel.
     b1, b2, eps: Adam's hyper-parameters (also for full-precision leaves).
-    clip_latent: clip the latent weights to ``[-c, c]`` after each step
-      (LAB's code uses 1); ``None`` to leave them unclipped.
-    diagnostics: keep the last latent update for ``update_cosine`` (one more
-      full-size buffer per quantized leaf).
-    tol, max_iter: the projection's convergence tolerance and round cap.
+    **options: the engine's options, common to every quantizing method:
+      ``quantize``, ``channel_axis``, ``clip_latent``, ``preprocess``,
+      ``diagnostics``, ``batch_axis_name``, ``tol``, ``max_iter``; see
+      :func:`blaq_jax.engine.quantized_latent`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -547,62 +372,76 @@ def laq(
     >>> jnp.unique(jnp.abs(params["kernel"])).size  # one scale, two signs
     1
   """
-  return loss_aware_quantization(
-      learning_rate, bits=bits, level_set=level_set, quantize=quantize,
-      channel_axis=channel_axis, b1=b1, b2=b2, eps=eps,
-      clip_latent=clip_latent, trial=False, diagnostics=diagnostics, tol=tol,
-      max_iter=max_iter)
+  sets = _level_sets(level_set, bits)
+  _check_adam(b1, b2)
+  return engine.quantized_latent(
+      _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=False), sets,
+      who="laq", **options)
 
 
+@engine.with_options()
 def blaq(
     learning_rate: ScalarOrSchedule,
     *,
     bits: int = 1,
     a: ScalarOrSchedule = 0.6,
     active: Active = 1,
+    blend: str = "moments",
     level_set: str = "blaq",
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    clip_latent: Optional[float] = None,
     opaque: bool = True,
-    batch_axis_name: Optional[str] = None,
     moments: str = "real",
-    blend: str = "moments",
-    diagnostics: bool = True,
     keep_trial: bool = False,
-    tol: float = 1e-6,
-    max_iter: int = 20,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """BLAQ: LAQ with a one-step-forward trial and backtrack (Ma et al. 2024).
 
+  One active step, numbered as Algorithm 1 of the paper's appendix:
+
   .. math::
 
-    w^* = w_t - \\hat m_t / D_t,\\quad q^* = \\operatorname{proj}_{D_t}(w^*),
-    \\quad g^* = \\nabla \\ell(q^*)
+    &\\text{13-15: } m_t, v_t \\text{ from } g_t,\\quad
+      D_t = (\\epsilon + \\sqrt{\\hat v_t}) / \\eta \\\\
+    &\\text{16: } w^* = w_t - \\hat m_t / D_t,\\quad
+      q^* = \\operatorname{proj}_{D_t}(w^*) \\\\
+    &\\text{17-20: } g^* = \\nabla \\ell(q^*) \\text{ on the same minibatch} \\\\
+    &\\text{21: } d = \\text{the blend of the reading (below)} \\\\
+    &\\text{22: } m^* = b_1 m_t + (1-b_1) g^*,\\ v^* = b_2 v_t + (1-b_2)
+      g^{*2} \\text{ (corrected at } t+1),\\ D^* \\\\
+    &\\text{23: } \\bar D = a D_t + (1 - a) D^* \\\\
+    &\\text{24: } w_{t+1} = w_t - d / \\bar D,\\quad
+      q_{t+1} = \\operatorname{proj}_{\\bar D}(w_{t+1})
 
-    \\bar m = a \\hat m_t + (1-a) \\hat m^*,\\quad
-    \\bar D = a D_t + (1-a) D^*,\\quad
-    w_{t+1} = w_t - \\bar m / \\bar D,\\quad
-    q_{t+1} = \\operatorname{proj}_{\\bar D}(w_{t+1})
+  The paper does not say what its ``g_hat`` is; ``blend`` picks the reading
+  of line 21 (``../shared/METHOD.md``):
 
-  where ``m* = b1 m_t + (1-b1) g*`` and ``v* = b2 v_t + (1-b2) g*^2`` are
-  bias-corrected at ``t + 1``. With ``a = 1``, or on steps where ``active``
-  is false, the update is exactly :func:`laq`'s. Theorem 2 of the paper:
-  BLAQ converges faster than LAQ for ``2 / (L eta) - 1 < a < 1``.
+  ===============  ====================================  ==================
+  ``blend``        ``d``                                 weight of ``g*``
+  ===============  ====================================  ==================
+  ``"moments"``    ``a m_hat_t + (1-a) m_hat*``          ``(1-a)(1-b1)``
+  ``"lookahead"``  ``a m_hat_t + (1-a) g*``              ``1-a``
+  ``"gradients"``  ``a g_t + (1-a) g*`` (no momentum)    ``1-a``
+  ===============  ====================================  ==================
+
+  With ``b1 = 0`` the three coincide. With ``a = 1`` (``"moments"``,
+  ``"lookahead"``), or on steps where ``active`` is false, the update is
+  exactly :func:`laq`'s. Theorem 2 of the paper: BLAQ converges faster than
+  LAQ for ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take LAQ's
+  (Adam's) step.
 
   Args:
     learning_rate: float or Optax schedule.
-    bits, level_set, quantize, channel_axis, b1, b2, eps, clip_latent,
-      diagnostics, tol, max_iter: as in :func:`laq`.
+    bits, level_set, b1, b2, eps: as in :func:`laq`.
     a: blend weight of the real step in ``[0, 1]`` (float or schedule of the
       step count). Paper: 0.6 (MNIST, SVHN, CIFAR-10), 0.9 (ImageNet).
     active: when to run the two-stage update: an int period in steps
       (``1`` = every step) or a callable ``step -> bool`` such as
       :func:`blaq_jax.one_epoch_every` (the paper's "one epoch out of every
       m"). On inactive steps no trial gradient is computed.
+    blend: the reading of line 21: ``"moments"`` (default),
+      ``"lookahead"`` or ``"gradients"`` (table above).
     opaque: ``True``: ``update(grads, state, params, *, grad_fn)`` calls
       ``grad_fn(trial_params) -> grads`` (same minibatch) inside the step.
       ``False`` (transparent): an active step takes two successive ``update``
@@ -611,18 +450,14 @@ def blaq(
       each call then takes the trial gradient on the next minibatch, and a
       BatchNorm model updates its running statistics at the trial point too;
       use the opaque mode to follow the paper exactly.
-    batch_axis_name: under ``pmap``/``shard_map``, the axis over which the
-      trial gradient is averaged (``lax.pmean``), like the main gradient.
     moments: what the next step inherits: ``"real"`` (default; the moments
       of the real gradient, the trial is a look-ahead only) or ``"blended"``
       (``a m_t + (1-a) m*`` and likewise ``v``).
-    blend: the reading of Algorithm 1 (``../shared/METHOD.md``) that forms
-      the backtrack direction ``d`` in ``w_{t+1} = w_t - d / D_bar``:
-      ``"moments"`` (default) ``a m_hat_t + (1-a) m_hat*``; ``"lookahead"``
-      ``a m_hat_t + (1-a) g*``; ``"gradients"`` ``a g_t + (1-a) g*`` (no
-      momentum on active steps; opaque mode only).
     keep_trial: also store ``w*`` and ``g*`` of the last active step in the
       state (two full-size buffers per quantized leaf).
+    **options: the engine's options (:func:`laq`); ``preprocess`` also
+      reaches the trial gradient, and under ``pmap``/``shard_map``
+      ``batch_axis_name`` averages the trial gradient like the main one.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -632,7 +467,7 @@ def blaq(
     >>> target = jnp.array([[0.3, -0.2], [0.25, -0.35]])
     >>> loss = lambda p: jnp.sum((p["kernel"] - target) ** 2)
     >>> params = {"kernel": jnp.array([[0.1, 0.1], [-0.1, 0.1]])}
-    >>> opt = blaq_jax.blaq(0.05, a=0.6)
+    >>> opt = blaq_jax.blaq(0.05, a=0.6, blend="lookahead")
     >>> state = opt.init(params)
     >>> for _ in range(100):
     ...   grads = jax.grad(loss)(params)
@@ -642,10 +477,17 @@ def blaq(
     >>> jnp.sign(params["kernel"]).tolist()
     [[1.0, -1.0], [1.0, -1.0]]
   """
-  return loss_aware_quantization(
-      learning_rate, bits=bits, level_set=level_set, quantize=quantize,
-      channel_axis=channel_axis, b1=b1, b2=b2, eps=eps,
-      clip_latent=clip_latent, trial=True, a=a, active=active, opaque=opaque,
-      batch_axis_name=batch_axis_name, moments=moments, blend=blend,
-      diagnostics=diagnostics, keep_trial=keep_trial, tol=tol,
-      max_iter=max_iter)
+  sets = _level_sets(level_set, bits)
+  _check_adam(b1, b2)
+  engine.check_unit_interval("a", a)
+  _check_active(active)
+  if blend not in BLENDS:
+    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
+  if moments not in ("real", "blended"):
+    raise ValueError(f"moments must be 'real' or 'blended', got {moments!r}.")
+  rule = _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=True, a=a,
+               active=active, blend=blend, moments=moments, opaque=opaque,
+               keep_trial=keep_trial)
+  if opaque:
+    rule = rule._replace(needs=("grad_fn",))
+  return engine.quantized_latent(rule, sets, who="blaq", **options)

@@ -39,52 +39,37 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from blaq_jax import engine
 from blaq_jax import quantizers
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import _expand
-from blaq_jax.state import Diagnostics, QuantizedTensor, cosine
-from blaq_jax.state import fraction_changed, init_diagnostics
-from blaq_jax.state import StepCost, make_cost
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 QUANTIZERS = ("sign", "ternary", "uniform")
-_MASK = optax.MaskedNode()
+# ste's own arguments, which fogzo and n_spsa take too.
+STE_OPTIONS = dict(optimizer=None, quantizer="sign", bits=None,
+                   level_set="linear", surrogate=None, scale="fit",
+                   threshold=0.7)
 
 
 class STEState(NamedTuple):
-  """State of :func:`ste`, :func:`binary_connect`, :func:`bwn`, :func:`twn`
-  and of :func:`blaq_jax.fogzo` / :func:`blaq_jax.n_spsa`.
+  """The rule state of the STE family, :func:`blaq_jax.fogzo` and
+  :func:`blaq_jax.n_spsa` (inside
+  :class:`~blaq_jax.engine.QuantizedLatentState`, field ``rule``).
 
   Attributes:
-    count: number of completed steps, int32.
     inner: state of the inner Optax optimizer (whose params are the latent
       weights at quantized leaves and the params elsewhere).
-    latent: latent full-precision weights ``w`` (MaskedNode at leaves
-      trained in full precision).
-    quantized: :class:`~blaq_jax.state.QuantizedTensor` of ``q_t`` at
-      quantized leaves (MaskedNode elsewhere).
-    prev_update: the last latent update ``w_t - w_{t-1}`` of quantized leaves
-      (MaskedNode when ``diagnostics=False``).
-    diagnostics: :class:`~blaq_jax.state.Diagnostics` (``flip_fraction``,
-      ``update_cosine``; the trial fields stay zero).
     estimator: state of the gradient estimator replacing the STE gradient
       (:class:`blaq_jax.fogzo.FOGZOState`; ``optax.EmptyState()`` for plain
       STE).
-    cost: :class:`~blaq_jax.state.StepCost` of the last step.
   """
 
-  count: jax.Array
   inner: Any
-  latent: Any
-  quantized: Any
-  prev_update: Any
-  diagnostics: Diagnostics
   estimator: Any
-  cost: StepCost
 
 
 class Estimator(NamedTuple):
@@ -92,48 +77,89 @@ class Estimator(NamedTuple):
 
   ``init()`` returns its state; ``update(state, *, count, grads, latent,
   steps, surrogate, perturbed_params, extra_args)`` returns the new
-  gradients (a list over quantized leaves, in ``jax.tree.leaves`` order) and
-  its new state. ``steps`` are the quantization steps of ``q_t`` broadcast
-  against each leaf; ``perturbed_params(latents)`` re-quantizes latent
-  weights and returns the params tree the model would see.
+  gradients (a list over quantized leaves, in ``jax.tree.leaves`` order), its
+  new state and the number of loss evaluations it made. ``steps`` are the
+  quantization steps of ``q_t`` broadcast against each leaf;
+  ``perturbed_params(latents)`` re-quantizes latent weights and returns the
+  params tree the model would see.
   """
 
   init: Callable[[], Any]
   update: Callable[..., Any]
+  needs: tuple = ()
 
 
-def _check_positive_or_none(name, value):
-  if value is None or isinstance(value, jax.core.Tracer):
-    return
-  if np.ndim(value) != 0 or not float(value) > 0:
-    raise ValueError(f"{name} must be positive or None, got {value!r}.")
+def straight_through_rule(optimizer: optax.GradientTransformation,
+                          surrogate: str, scale: quantizers.Scale,
+                          threshold: float,
+                          estimator: Optional[Estimator] = None):
+  """The :class:`~blaq_jax.engine.Rule` of the STE family (module doc)."""
+
+  def init(params, quantized):
+    del quantized
+    return STEState(optimizer.init(params),
+                    estimator.init() if estimator else optax.EmptyState())
+
+  def step(ctx, state):
+    treedef = jax.tree.structure(ctx.params)
+    leaves = treedef.flatten_up_to(ctx.params)
+    q_ix = [i for i, qi in enumerate(ctx.is_quantized) if qi]
+    alpha = {i: _expand(ctx.quantized[i].alpha, leaves[i].ndim,
+                        ctx.quantized[i].channel_axis) for i in q_ix}
+    g_q = [ctx.grads[i] * quantizers.surrogate_grad(
+        surrogate, ctx.latent[i] / alpha[i]) for i in q_ix]
+    est_state, losses, finite = state.estimator, 0, True
+    if estimator is not None:
+      def perturbed_params(latents):
+        ws = list(ctx.latent)
+        for k, i in enumerate(q_ix):
+          ws[i] = latents[k]
+        return ctx.params_at(ctx.project(ws, None))
+
+      g_q, est_state, losses = estimator.update(
+          state.estimator, count=ctx.count, grads=g_q,
+          latent=[ctx.latent[i] for i in q_ix],
+          steps=[quantizers.step_size(alpha[i], ctx.quantized[i].level_set)
+                 for i in q_ix],
+          surrogate=surrogate, perturbed_params=perturbed_params,
+          extra_args=ctx.extra_args)
+      finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in g_q]).all() if (
+          g_q) else True
+    grads = list(ctx.grads)
+    for k, i in enumerate(q_ix):
+      grads[i] = g_q[k]
+    inner_params = [w.astype(p.dtype) for w, p in zip(ctx.latent, leaves)]
+    inner_updates, inner_state = optimizer.update(
+        treedef.unflatten([x.astype(p.dtype) for x, p in zip(grads, leaves)]),
+        state.inner, treedef.unflatten(inner_params))
+    w = [x + u.astype(jnp.float32) for x, u in
+         zip(ctx.latent, treedef.flatten_up_to(inner_updates))]
+    return engine.Step(latent=w, weight=None,
+                       rule=STEState(inner_state, est_state), finite=finite,
+                       losses=losses)
+
+  def project(w, d, level_set, prev, *, channel_axis, tol, max_iter):
+    del d
+    return quantizers.quantize_latent(
+        w, level_set, scale, channel_axis=channel_axis, threshold=threshold,
+        prev_codes=None if prev is None else prev.codes,
+        prev_alpha=None if prev is None else prev.alpha,
+        tol=tol, max_iter=max_iter)
+
+  return engine.Rule(init, step, project,
+                     estimator.needs if estimator else ())
 
 
 def straight_through(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
+    learning_rate: Optional[ScalarOrSchedule], *,
     optimizer: Optional[optax.GradientTransformation] = None,
-    quantizer: str = "sign",
-    bits: Optional[int] = None,
-    level_set: str = "linear",
-    surrogate: Optional[str] = None,
-    scale: quantizers.Scale = "fit",
-    threshold: float = 0.7,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 20,
-    estimator: Optional[Estimator] = None,
-    who: str = "ste",
+    quantizer: str = "sign", bits: Optional[int] = None,
+    level_set: str = "linear", surrogate: Optional[str] = None,
+    scale: quantizers.Scale = "fit", threshold: float = 0.7,
+    estimator: Optional[Estimator] = None, who: str = "ste", **options,
 ) -> optax.GradientTransformationExtraArgs:
-  """The one implementation behind :func:`ste` and the FOGZO family.
-
-  See :func:`ste` for the arguments; ``estimator`` replaces the STE gradient
-  of the quantized leaves (:mod:`blaq_jax.fogzo`), ``who`` names the method
-  in error messages.
-  """
+  """The transform of :func:`ste`'s arguments with an optional estimator
+  (:mod:`blaq_jax.fogzo`); ``who`` names the method in error messages."""
   if quantizer not in QUANTIZERS:
     raise ValueError(f"{who}: unknown quantizer={quantizer!r}; expected one "
                      f"of {QUANTIZERS}.")
@@ -154,147 +180,22 @@ def straight_through(
     surrogate = "hardtanh" if quantizer == "sign" else "identity"
   quantizers.check_surrogate(surrogate, where="surrogate")
   scale = quantizers.check_scale(scale, where="scale")
-  _check_positive_or_none("clip_latent", clip_latent)
   if optimizer is None:
     if learning_rate is None:
       raise ValueError(f"{who}: give a learning_rate or an optimizer.")
     optimizer = optax.adam(learning_rate)
 
-  def level_set_for(b):
-    if not b:
-      return None
-    return LevelSet("blaq", 1) if b == 1 else LevelSet(kind, b)
+  def level_sets(params, quantize):
+    return [None if not b else LevelSet("blaq", 1) if b == 1 else
+            LevelSet(kind, b)
+            for b in selection.resolve_bits(params, quantize, bits, "blaq")]
 
-  def layout(params):
-    selection.check_float_leaves(params, who)
-    leaves, treedef = jax.tree.flatten(params)
-    sets = [level_set_for(b) for b in
-            selection.resolve_bits(params, quantize, bits, "blaq")]
-    return leaves, treedef, sets
-
-  def quantize_leaf(w, s, prev=None):
-    alpha, codes = quantizers.quantize_latent(
-        w, s, scale, channel_axis=channel_axis, threshold=threshold,
-        prev_codes=None if prev is None else prev.codes,
-        prev_alpha=None if prev is None else prev.alpha,
-        tol=tol, max_iter=max_iter)
-    return QuantizedTensor(codes, alpha, s, channel_axis)
-
-  def init_fn(params):
-    leaves, treedef, sets = layout(params)
-
-    def per_q(fn):
-      return treedef.unflatten(
-          [fn(p, s) if s else _MASK for p, s in zip(leaves, sets)])
-
-    latent = per_q(lambda p, s: jnp.array(p, copy=True))
-    return STEState(
-        count=jnp.zeros([], jnp.int32),
-        inner=optimizer.init(params),
-        latent=latent,
-        quantized=selection.pure_structure(params).unflatten(
-            [quantize_leaf(p, s) if s else _MASK
-             for p, s in zip(leaves, sets)]),
-        prev_update=per_q(lambda p, s: jnp.zeros_like(p) if diagnostics
-                          else _MASK),
-        diagnostics=init_diagnostics(),
-        estimator=(estimator.init() if estimator is not None
-                   else optax.EmptyState()),
-        cost=make_cost(),
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(f"{who} needs params: call update(grads, state, "
-                       "params).")
-    leaves, treedef, sets = layout(params)
-    selection.check_same_structure(params, updates, f"{who}: the gradient")
-    q_ix = [i for i, s in enumerate(sets) if s]
-    n_q = int(sum(np.prod(leaves[i].shape) for i in q_ix))
-    paths = [selection.path_str(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(params)[0]]
-    g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(updates)]
-    latent = treedef.flatten_up_to(state.latent)
-    qdef = selection.pure_structure(params)  # see pure_structure
-    qts = qdef.flatten_up_to(state.quantized)
-    for i in q_ix:
-      if not isinstance(qts[i], QuantizedTensor) or qts[i].level_set != sets[i]:
-        raise ValueError(
-            f"{who}: the state does not match this optimizer's configuration "
-            f"at leaf '{paths[i]}' (state: "
-            f"{getattr(qts[i], 'level_set', qts[i])}, optimizer: {sets[i]}); "
-            "was it created by another config?")
-
-    w = {i: latent[i].astype(jnp.float32) for i in q_ix}
-    alpha = {i: _expand(qts[i].alpha, w[i].ndim, channel_axis) for i in q_ix}
-    ste_g = [g[i] * quantizers.surrogate_grad(surrogate, w[i] / alpha[i])
-             for i in q_ix]
-
-    est_state = state.estimator
-    if estimator is not None:
-
-      def perturbed_params(latents):
-        out = list(leaves)
-        for k, i in enumerate(q_ix):
-          qt = quantize_leaf(latents[k], sets[i], qts[i])
-          out[i] = qt.dequantize(leaves[i].dtype)
-        return treedef.unflatten(out)
-
-      ste_g, est_state = estimator.update(
-          state.estimator, count=state.count, grads=ste_g,
-          latent=[w[i] for i in q_ix],
-          steps=[quantizers.step_size(alpha[i], sets[i]) for i in q_ix],
-          surrogate=surrogate, perturbed_params=perturbed_params,
-          extra_args=extra_args)
-
-    grads = list(g)
-    inner_params = list(leaves)
-    for k, i in enumerate(q_ix):
-      grads[i] = ste_g[k]
-      inner_params[i] = latent[i]
-    grads = [x.astype(p.dtype) for x, p in zip(grads, inner_params)]
-    inner_updates, inner_state = optimizer.update(
-        treedef.unflatten(grads), state.inner,
-        treedef.unflatten(inner_params))
-    inner_updates = treedef.flatten_up_to(inner_updates)
-
-    ups, new_latent, new_qts, steps = list(inner_updates), list(latent), list(
-        qts), []
-    for i in q_ix:
-      w_new = w[i] + inner_updates[i].astype(jnp.float32)
-      if clip_latent is not None:
-        w_new = jnp.clip(w_new, -clip_latent, clip_latent)
-      qt = quantize_leaf(w_new, sets[i], qts[i])
-      steps.append(w_new - w[i])
-      new_latent[i] = w_new.astype(latent[i].dtype)
-      new_qts[i] = qt
-      ups[i] = qt.dequantize(leaves[i].dtype) - leaves[i]
-    ups = [u.astype(p.dtype) for u, p in zip(ups, leaves)]
-
-    prev = treedef.flatten_up_to(state.prev_update)
-    new_prev = list(prev)
-    if diagnostics:
-      for k, i in enumerate(q_ix):
-        new_prev[i] = steps[k].astype(leaves[i].dtype)
-    diag = init_diagnostics()._replace(
-        flip_fraction=fraction_changed([new_qts[i].codes for i in q_ix],
-                                       [qts[i].codes for i in q_ix], n_q),
-        update_cosine=(cosine(steps, [prev[i] for i in q_ix]) if diagnostics
-                       else jnp.zeros([], jnp.float32)))
-    new_state = STEState(
-        count=optax.safe_increment(state.count),
-        inner=inner_state,
-        latent=treedef.unflatten(new_latent),
-        quantized=qdef.unflatten(new_qts),
-        prev_update=treedef.unflatten(new_prev),
-        diagnostics=diag,
-        estimator=est_state,
-        cost=make_cost(1, getattr(est_state, "losses_evaluated", 0)))
-    return treedef.unflatten(ups), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  rule = straight_through_rule(optimizer, surrogate, scale, threshold,
+                               estimator)
+  return engine.quantized_latent(rule, level_sets, who=who, **options)
 
 
+@engine.with_options()
 def ste(
     learning_rate: Optional[ScalarOrSchedule],
     *,
@@ -305,12 +206,7 @@ def ste(
     surrogate: Optional[str] = None,
     scale: quantizers.Scale = "fit",
     threshold: float = 0.7,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
-    tol: float = 1e-6,
-    max_iter: int = 20,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """Straight-through training of quantized weights.
 
@@ -340,13 +236,11 @@ def ste(
       ``"fit"`` (least squares; ``mean |w|`` at 1 bit), ``"twn"``, ``"max"``
       or a fixed positive float.
     threshold: TWN's threshold factor (``scale="twn"``).
-    quantize: which leaves are quantized, and at how many bits
-      (:mod:`blaq_jax.selection`; default: dense/conv kernels).
-    channel_axis: ``None`` (one scale per tensor) or the scaled axis
-      (``-1`` for Flax kernels).
-    clip_latent: clip the latent weights to ``[-c, c]`` after each step.
-    diagnostics: keep the last latent update for ``update_cosine``.
-    tol, max_iter: ``"fit"``'s convergence tolerance and round cap.
+    **options: the engine's options, common to every quantizing method:
+      ``quantize``, ``channel_axis``, ``clip_latent``, ``preprocess``,
+      ``diagnostics``, ``batch_axis_name``, ``tol``, ``max_iter``
+      (``"fit"``'s tolerance and round cap); see
+      :func:`blaq_jax.engine.quantized_latent`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
@@ -369,18 +263,15 @@ def ste(
   return straight_through(
       learning_rate, optimizer=optimizer, quantizer=quantizer, bits=bits,
       level_set=level_set, surrogate=surrogate, scale=scale,
-      threshold=threshold, quantize=quantize, channel_axis=channel_axis,
-      clip_latent=clip_latent, diagnostics=diagnostics, tol=tol,
-      max_iter=max_iter, who="ste")
+      threshold=threshold, who="ste", **options)
 
 
+@engine.with_options(clip_latent=1.0, channel_axis=engine.DROP)
 def binary_connect(
     learning_rate: Optional[ScalarOrSchedule],
     *,
     optimizer: Optional[optax.GradientTransformation] = None,
-    quantize: selection.Quantize = None,
-    clip_latent: float = 1.0,
-    diagnostics: bool = True,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """BinaryConnect (Courbariaux et al. 2015): ``q = sign(w)``.
 
@@ -391,9 +282,8 @@ def binary_connect(
   Args:
     learning_rate: float or schedule of the default inner Adam.
     optimizer: inner optimizer instead of Adam.
-    quantize: which leaves are binarized (default: kernels).
-    clip_latent: the latent clipping bound (1).
-    diagnostics: as in :func:`ste`.
+    **options: the engine's options as in :func:`ste` (no
+      ``channel_axis``: the scale is 1); ``clip_latent`` defaults to 1.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -410,19 +300,16 @@ def binary_connect(
   """
   return straight_through(
       learning_rate, optimizer=optimizer, quantizer="sign", surrogate=
-      "hardtanh", scale=1.0, quantize=quantize, clip_latent=clip_latent,
-      diagnostics=diagnostics, who="binary_connect")
+      "hardtanh", scale=1.0, who="binary_connect", **options)
 
 
+@engine.with_options()
 def bwn(
     learning_rate: Optional[ScalarOrSchedule],
     *,
     optimizer: Optional[optax.GradientTransformation] = None,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
     surrogate: str = "identity",
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """Binary-weight networks (XNOR-Net's BWN, Rastegari et al. 2016).
 
@@ -435,10 +322,10 @@ def bwn(
   ``g S'(w / alpha)`` with the identity surrogate by default.
 
   Args:
-    learning_rate, optimizer, quantize, clip_latent, diagnostics: as in
-      :func:`ste`.
-    channel_axis: ``None`` (per tensor) or the axis with its own ``alpha``.
+    learning_rate, optimizer: as in :func:`ste`.
     surrogate: STE surrogate (default identity).
+    **options: the engine's options as in :func:`ste`; ``channel_axis``:
+      ``None`` (per tensor) or the axis with its own ``alpha``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -452,21 +339,17 @@ def bwn(
   """
   return straight_through(
       learning_rate, optimizer=optimizer, quantizer="sign",
-      surrogate=surrogate, scale="fit", quantize=quantize,
-      channel_axis=channel_axis, clip_latent=clip_latent,
-      diagnostics=diagnostics, who="bwn")
+      surrogate=surrogate, scale="fit", who="bwn", **options)
 
 
+@engine.with_options()
 def twn(
     learning_rate: Optional[ScalarOrSchedule],
     *,
     optimizer: Optional[optax.GradientTransformation] = None,
     threshold: float = 0.7,
-    quantize: selection.Quantize = None,
-    channel_axis: Optional[int] = None,
     surrogate: str = "identity",
-    clip_latent: Optional[float] = None,
-    diagnostics: bool = True,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
   """Ternary weight networks (Li et al. 2016).
 
@@ -482,12 +365,11 @@ def twn(
   ternary weights).
 
   Args:
-    learning_rate, optimizer, quantize, clip_latent, diagnostics: as in
-      :func:`ste`.
+    learning_rate, optimizer: as in :func:`ste`.
     threshold: ``t``.
-    channel_axis: ``None`` (per tensor) or the axis with its own
-      ``Delta, alpha``.
     surrogate: STE surrogate (default identity).
+    **options: the engine's options as in :func:`ste`; ``channel_axis``:
+      ``None`` (per tensor) or the axis with its own ``Delta, alpha``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -502,6 +384,5 @@ def twn(
   """
   return straight_through(
       learning_rate, optimizer=optimizer, quantizer="ternary",
-      surrogate=surrogate, scale="twn", threshold=threshold,
-      quantize=quantize, channel_axis=channel_axis, clip_latent=clip_latent,
-      diagnostics=diagnostics, who="twn")
+      surrogate=surrogate, scale="twn", threshold=threshold, who="twn",
+      **options)
