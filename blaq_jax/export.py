@@ -231,7 +231,12 @@ def export(path: PathLike, params, opt_state, *,
     path: file to write (conventionally ``*.safetensors``); parent
       directories are created. Written to a temporary file and renamed, so a
       crash never leaves a half-written export under ``path``.
-    params: the params tree (arrays, ``nnx.State``, ...).
+    params: the params tree (arrays, ``nnx.State``, ...). To export a Flax
+      NNX model whole, pass ``nnx.state(model)`` rather than
+      ``nnx.state(model, nnx.Param)``: its leaves that the optimizer does
+      not quantize (biases, batch norm scale and running statistics) are
+      stored as float tensors, and ``load(path, nnx.state(fresh_model))``
+      restores all of them.
     opt_state: the optimizer state holding the quantized tensors, or
       ``None`` to store every leaf in full precision.
     metadata: JSON-serializable user metadata (config, accuracy, ...),

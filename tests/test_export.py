@@ -348,6 +348,77 @@ def test_summary_from_state_matches_rule():
   assert bf16.bits == 0 and bf16.packed_bytes == 2 * 7
 
 
+# ------------------------------------------------------ whole model state
+
+
+def _bn_model(seed):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(6, 8, use_bias=False, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, momentum=0.5, rngs=rngs)
+      self.fc2 = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+  return Net(nnx.Rngs(seed))
+
+
+def test_export_whole_nnx_state_keeps_batch_norm_statistics(tmp_path):
+  """nnx.state(model) exports the running statistics; Param state alone not."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = _bn_model(0)
+  optimizer = nnx.Optimizer(model, blaq_jax.laq(0.05), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (32, 6)) * 3.0 + 1.0
+  y = jax.random.randint(jax.random.key(2), (32,), 0, 3)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  for _ in range(3):
+    step(model, optimizer)
+  mean, var = np.asarray(model.bn.mean[...]), np.asarray(model.bn.var[...])
+  assert np.abs(mean).max() > 0.1 and np.abs(var - 1).max() > 0.1  # trained
+
+  path = blaq_jax.export(tmp_path / "whole.safetensors", nnx.state(model),
+                         optimizer.opt_state)
+  leaves = read_export(path).leaves
+  assert set(leaves) == {"fc1/kernel", "fc2/kernel", "fc2/bias", "bn/bias",
+                         "bn/scale", "bn/mean", "bn/var"}
+  for name in ("fc1/kernel", "fc2/kernel"):
+    assert leaves[name].level_set.bits == 1, name  # packed codes + scale
+  for name in ("fc2/bias", "bn/bias", "bn/scale", "bn/mean", "bn/var"):
+    assert leaves[name].dtype == np.float32, name  # stored as float tensors
+  _assert_bit_equal(leaves["bn/mean"], mean)
+  _assert_bit_equal(leaves["bn/var"], var)
+
+  fresh = _bn_model(7)
+  nnx.update(fresh, blaq_jax.load(path, nnx.state(fresh)))
+  _assert_bit_equal(fresh.bn.mean[...], mean)
+  _assert_bit_equal(fresh.bn.var[...], var)
+  q = blaq_jax.quantized_params(nnx.state(model, nnx.Param),
+                                optimizer.opt_state)
+  nnx.update(model, q)  # the exact quantized weights, as the file holds
+  model.eval()
+  fresh.eval()
+  _assert_bit_equal(fresh(x), model(x))
+
+  # Exporting only the parameters drops the statistics: a fresh model's
+  # whole state cannot be loaded from that file, and the error names them.
+  params_only = blaq_jax.export(tmp_path / "params.safetensors",
+                                nnx.state(model, nnx.Param),
+                                optimizer.opt_state)
+  with pytest.raises(ExportError, match=r"missing from the file: "
+                     r"\['bn/mean', 'bn/var'\]"):
+    blaq_jax.load(params_only, nnx.state(_bn_model(3)))
+
+
 # ---------------------------------------------------------------- inference
 
 
