@@ -10,17 +10,25 @@ Usage (the README's main job: a short BLAQ-vs-LAQ run on MNIST)::
 Each ``(method, seed)`` trains with :func:`experiments.train.train_and_evaluate`
 in ``WORKDIR/<method>/seed_<seed>`` (rerunning resumes or reuses finished
 runs; ``--config.x=...`` overrides apply to all of them). The table,
-``WORKDIR/results.md`` (also printed), has per method the mean and spread
-(half the range, ``max - min`` over 2, over seeds; ``±0`` with one seed) of
+``WORKDIR/results.md`` (also printed), has per method, as mean ± sample
+standard deviation with the number of seeds ``n`` (:mod:`experiments.stats`;
+one seed: no spread),
 
-* final and best test accuracy,
-* the epochs and the wall time to first reach the target accuracy
-  (``--target``; default: the lowest final mean test accuracy among the
-  methods, which every method reaches),
+* the final test accuracy, and the test accuracy at the epoch of best
+  *validation* accuracy (needs ``validation_size > 0``; the epoch is never
+  chosen on the test set);
+* for every method after the first, the paired difference to the first
+  method over the seeds both ran (same initialisation and data order), with
+  its 95% Student-t interval (needs 2 shared seeds);
+* the epochs and the wall time to first reach each target test accuracy,
+  fixed before the runs: ``--targets 0.98,0.985`` (or ``--target``) or
+  ``config.targets``. Without targets there is no time-to-target column
+  (a target read off the results would favour the method that sets it). A
+  run that never reaches a target is counted as not reached;
 * gradient evaluations (BLAQ's active steps cost two) and total wall time.
 
 ``WORKDIR/comparison.png`` shows the training loss and the test accuracy per
-epoch of every method (mean over seeds, band: spread).
+epoch of every method (mean over seeds, band: sample standard deviation).
 """
 
 from __future__ import annotations
@@ -33,11 +41,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from experiments import plots
+from experiments import stats
 from experiments import train as train_lib
 
 
 def mean_spread(values: Sequence[float]):
-  """``(mean, half the range)`` of the non-None values (``(None, None)``)."""
+  """``(mean, half the range)`` of the non-None values (``(None, None)``).
+
+  Kept for :mod:`experiments.ablation`; tables of this module use
+  :func:`experiments.stats.summarize` (sample standard deviation, n).
+  """
   values = np.asarray([v for v in values if v is not None], float)
   if not values.size:
     return None, None
@@ -62,10 +75,47 @@ def time_to_target(epochs: List[Mapping], target: float,
     ...                0.8)
     (2, 4.0)
   """
-  for r in epochs:
-    if r.get(key) is not None and r[key] >= target:
-      return r["epoch"], r["wall_time"]
-  return None, None
+  hit = stats.first_reaching(epochs, target, key=key)
+  if not hit.reached:
+    return None, None
+  return hit.at, hit.record["wall_time"]
+
+
+def resolve_targets(config=None, targets=None) -> List[float]:
+  """Targets from the command (``targets``) or else ``config.targets``.
+
+  >>> resolve_targets(None, "0.98,0.985")
+  [0.98, 0.985]
+  >>> resolve_targets(None, None)
+  []
+  """
+  if targets is not None and targets != "" and targets != []:
+    return stats.parse_targets(targets)
+  if config is not None and "targets" in config:
+    return stats.parse_targets(config.targets)
+  return []
+
+
+def _test_at_best_validation(epochs: List[Mapping]):
+  try:
+    return stats.select_by_validation(epochs)["test_accuracy"]
+  except ValueError:  # no validation split
+    return None
+
+
+def _paired(runs_a: List[Mapping], runs_b: List[Mapping], value) -> str:
+  """The paired difference ``a - b`` of ``value(run)`` over shared seeds."""
+  def by_seed(rs):
+    out = {}
+    for r in rs:
+      v = value(r)
+      if v is not None and r["summary"].get("seed") is not None:
+        out[r["summary"]["seed"]] = v
+    return out
+  seeds, x, y = stats.paired_by_seed(by_seed(runs_a), by_seed(runs_b))
+  if len(seeds) < 2:
+    return f"n/a ({len(seeds)} shared seed(s))"
+  return stats.format_difference(stats.paired_difference(x, y), 100)
 
 
 def run_all(config, methods: Sequence[str], seeds: Sequence[int],
@@ -91,35 +141,65 @@ def run_all(config, methods: Sequence[str], seeds: Sequence[int],
 
 
 def results_table(runs: Mapping[str, List[Mapping]],
-                  target: Optional[float] = None) -> str:
-  """The markdown table of :func:`run_all`'s results (see module doc)."""
-  finals = {m: mean_spread([r["summary"].get("final_test_accuracy") for r in rs])
-            for m, rs in runs.items()}
-  if target is None:
-    reached = [s[0] for s in finals.values() if s[0] is not None]
-    target = min(reached) if reached else 0.0
-  n_seeds = max(len(rs) for rs in runs.values())
-  lines = [
-      f"Target test accuracy: {100 * target:.2f}%. Mean ± spread (half "
-      f"the range) over {n_seeds} seed(s).",
-      "",
-      "| method | final test acc (%) | best test acc (%) | epochs to "
-      "target | time to target (s) | grad evals | wall time (s) |",
-      "|---|---|---|---|---|---|---|"]
+                  targets=None) -> str:
+  """The markdown table of :func:`run_all`'s results (see module doc).
+
+  Args:
+    runs: ``{method: [run]}``, each run ``{"summary", "epochs", ...}``.
+    targets: target test accuracies fixed before the runs (a number, a
+      sequence or ``"0.98,0.985"``); ``None``: no time-to-target columns.
+  """
+  targets = stats.parse_targets(targets)
+  methods = list(runs)
+  first = methods[0] if methods else None
+
+  def summ(values, scale=1.0, digits=2):
+    return stats.format_summary(
+        stats.summarize([v for v in values if v is not None]), scale, digits)
+
+  has_val = any(_test_at_best_validation(r["epochs"]) is not None
+                for rs in runs.values() for r in rs)
+  head = ["method", "final test acc (%)",
+          "test acc at best val epoch (%)"]
+  if len(methods) > 1:
+    head.append(f"final: paired diff vs {first} (points) [95% CI]")
+    if has_val:
+      head.append(f"at best val: paired diff vs {first} [95% CI]")
+  for t in targets:
+    head += [f"epochs to {100 * t:.2f}%", f"time to {100 * t:.2f}% (s)"]
+  head += ["grad evals", "wall time (s)"]
+  intro = ("Mean ± sample standard deviation over the seeds (n in each "
+           "cell). The best epoch is chosen on the validation split")
+  intro += "." if has_val else (" (none here: validation_size = 0, so no "
+                                "best-epoch column).")
+  if targets:
+    intro += (" Target test accuracies, fixed before the runs: "
+              + ", ".join(f"{100 * t:.2f}%" for t in targets) + ".")
+  else:
+    intro += (" No time-to-target column: pass targets fixed before the "
+              "runs (--targets or config.targets).")
+  lines = [intro, "", "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
   for method, rs in runs.items():
-    best = mean_spread([r["summary"].get("best_test_accuracy") for r in rs])
-    hits = [time_to_target(r["epochs"], target) for r in rs]
-    if any(h[0] is None for h in hits):
-      n_hit = sum(h[0] is not None for h in hits)
-      ep = tt = f"not reached ({len(hits) - n_hit}/{len(hits)} runs)"
-    else:
-      ep = format_stat(mean_spread([h[0] for h in hits]), digits=1)
-      tt = format_stat(mean_spread([h[1] for h in hits]), digits=1)
-    ge = mean_spread([r["summary"].get("grad_evals") for r in rs])
-    wall = mean_spread([r["summary"].get("wall_time") for r in rs])
-    lines.append(
-        f"| {method} | {format_stat(finals[method], 100)} | {format_stat(best, 100)} | "
-        f"{ep} | {tt} | {format_stat(ge, digits=0)} | {format_stat(wall, digits=1)} |")
+    cells = [method,
+             summ([r["summary"].get("final_test_accuracy") for r in rs], 100),
+             summ([_test_at_best_validation(r["epochs"]) for r in rs], 100)
+             if has_val else "n/a (no validation split)"]
+    if len(methods) > 1:
+      cells.append("" if method == first else _paired(
+          rs, runs[first], lambda r: r["summary"].get("final_test_accuracy")))
+      if has_val:
+        cells.append("" if method == first else _paired(
+            rs, runs[first], lambda r: _test_at_best_validation(r["epochs"])))
+    for t in targets:
+      hits = [stats.first_reaching(r["epochs"], t) for r in rs]
+      cells.append(stats.format_reach(hits))
+      cells.append(stats.format_reach(
+          [stats.Reach(h.reached, round(h.record["wall_time"], 1) if h.reached
+                       else None, None) for h in hits]))
+    cells += [summ([r["summary"].get("grad_evals") for r in rs], digits=0),
+              summ([r["summary"].get("wall_time") for r in rs], digits=1)]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -131,8 +211,8 @@ def _mean_curve(records_per_seed: List[List[Mapping]], x: str, y: str):
   xs = [c[x] for c in curves[0][:n]]
   ys = np.array([[c[y] for c in cur[:n]] for cur in curves], float)
   mean = ys.mean(0)
-  half = (ys.max(0) - ys.min(0)) / 2
-  return [{x: xi, y: yi} for xi, yi in zip(xs, mean)], half
+  std = ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(mean)
+  return [{x: xi, y: yi} for xi, yi in zip(xs, mean)], std
 
 
 def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
@@ -142,7 +222,7 @@ def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
   for method, rs in runs.items():
     # Per-epoch mean: a minibatch's squared hinge loss is often exactly 0.
     loss, _ = _mean_curve([r["epochs"] for r in rs], "epoch", "train_loss")
-    acc, half = _mean_curve([r["epochs"] for r in rs], "epoch",
+    acc, std = _mean_curve([r["epochs"] for r in rs], "epoch",
                             "test_accuracy")
     if loss:
       ax_loss.plot([r["epoch"] for r in loss],
@@ -152,7 +232,7 @@ def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
       x = np.array([r["epoch"] for r in acc])
       y = 100 * np.array([r["test_accuracy"] for r in acc])
       (line,) = ax_acc.plot(x, y, marker="o", ms=3, label=method)
-      ax_acc.fill_between(x, y - 100 * half, y + 100 * half, alpha=0.2,
+      ax_acc.fill_between(x, y - 100 * std, y + 100 * std, alpha=0.2,
                           color=line.get_color())
   ax_loss.set(xlabel="epoch", ylabel="training loss (epoch mean)",
               yscale="log", title="Training loss (mean over seeds)")
@@ -165,8 +245,14 @@ def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
 
 
 def compare(config, methods: Sequence[str], seeds: Sequence[int],
-            workdir: str, target: Optional[float] = None) -> str:
+            workdir: str, target=None) -> str:
   """Runs, writes ``results.md``, ``results.json`` and ``comparison.png``.
+
+  Args:
+    config, methods, seeds, workdir: see the module doc.
+    target: target test accuracies fixed before the runs (number, sequence
+      or comma-separated string); ``None``: ``config.targets`` if set, else
+      no time-to-target columns.
 
   Returns:
     The markdown table.
@@ -177,8 +263,9 @@ def compare(config, methods: Sequence[str], seeds: Sequence[int],
                      f"{list(train_lib.METHODS)}.")
   if not methods or not seeds:
     raise ValueError("Need at least one method and one seed.")
+  targets = resolve_targets(config, target)  # checked before the runs
   runs = run_all(config, methods, seeds, workdir)
-  table = results_table(runs, target)
+  table = results_table(runs, targets)
   root = pathlib.Path(workdir)
   (root / "results.md").write_text(table + "\n")
   (root / "results.json").write_text(json.dumps(
@@ -196,8 +283,11 @@ def main(argv):
   del argv
   train_lib.quiet_orbax_logging()
   f = flags.FLAGS
+  targets = stats.parse_targets(f.targets)
+  if f.target is not None:
+    targets.append(f.target)
   table = compare(f.config, _csv(f.methods), _csv(f.seeds, int), f.workdir,
-                  f.target)
+                  targets or None)
   print(table)
   print(f"\nWritten: {os.path.join(f.workdir, 'results.md')}, "
         f"{os.path.join(f.workdir, 'comparison.png')}")
@@ -212,6 +302,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Directory of the comparison.")
   flags.DEFINE_string("methods", "laq,blaq", "Comma-separated methods.")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds.")
-  flags.DEFINE_float("target", None, "Target test accuracy in [0, 1].")
+  flags.DEFINE_float("target", None, "A target test accuracy in (0, 1], "
+                     "fixed before the runs.")
+  flags.DEFINE_string("targets", "", "Comma-separated target test "
+                      "accuracies in (0, 1], fixed before the runs (default: "
+                      "config.targets; none: no time-to-target column).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -5,14 +5,18 @@ r"""Figures of the experiments, written as PNG with matplotlib (Agg backend).
 * :func:`plot_test_accuracy`: test accuracy per epoch (Fig. 6).
 * :func:`plot_zigzag`: per-step flip fraction and update cosine, and the
   trajectories of the tracked latent weights (Table 1's raw material).
-* :func:`toy_trajectories` / :func:`plot_toy_trajectories`: Fig. 1, LAQ and
-  BLAQ at 1 bit on the toy loss
+* :func:`toy_trajectories` / :func:`plot_toy_trajectories` /
+  :func:`plot_fig1`: Fig. 1, LAQ and BLAQ at 1 bit on the toy loss
 
   .. math::
 
     \ell(w) = 5 (w_1 - 0.054)^2 + (w_2 + 0.055)^2
 
-  from the same start.
+  from the same start, at a step multiplier ``s = eta / eta_Newton`` (the
+  latent step is ``s`` times the Newton step ``H^{-1} grad``). At ``s = 1``
+  LAQ takes the exact Newton step and cannot zig-zag; at ``s`` near 2 it
+  overshoots every step (Theorem 2: BLAQ helps where ``s > 2 / (1 + a)``).
+  ``python -m experiments.plots fig1 --out fig1.png`` draws both.
 
 Runs are given as ``{label: records}`` where records are the dicts of the
 JSON-lines metrics files written by :mod:`experiments.train`.
@@ -180,24 +184,28 @@ def toy_loss(w):
 
 def toy_trajectories(start=(-0.05, 0.06), *, steps: int = 20,
                      a: float = 0.6, curvature: str = "hessian",
-                     learning_rate: float = 1.0) -> Dict[str, Dict]:
+                     learning_rate: float = 1.0,
+                     multiplier: float = 1.0) -> Dict[str, Dict]:
   r"""LAQ and BLAQ at 1 bit on the toy loss of Fig. 1 from ``start``.
 
   The two weights form one binarized tensor (one scale ``alpha``), trained
   by :func:`blaq_jax.laq` and :func:`blaq_jax.blaq` (opaque mode, the exact
   gradient as ``grad_fn``). With ``curvature="hessian"`` the diagonal
-  curvature is the exact Hessian ``diag(10, 2)`` and there is no momentum
-  (``b1 = 0``), so LAQ is the recursion of the paper's analysis,
-  :math:`w_{t+1} = w_t - H^{-1} \nabla \ell(q_t)`; ``"adam"`` uses the
-  library's default Adam curvature with ``learning_rate``.
+  curvature is ``D = H / s``, the exact Hessian ``diag(10, 2)`` divided by
+  the step multiplier ``s``, and there is no momentum (``b1 = 0``), so LAQ is
+  the recursion of the paper's analysis,
+  :math:`w_{t+1} = w_t - s H^{-1} \nabla \ell(q_t)` (``s = 1``: the Newton
+  step; the learning rate cancels in ``m / D`` and plays no part);
+  ``"adam"`` uses the library's default Adam curvature with
+  ``learning_rate``.
 
   Args:
     start: the initial latent point ``(w1, w2)``.
     steps: number of updates.
     a: BLAQ's blend weight.
     curvature: ``"hessian"`` or ``"adam"``.
-    learning_rate: the transforms' learning rate (``"hessian"``: 1 gives
-      the Newton step).
+    learning_rate: the transforms' learning rate (``"adam"`` only).
+    multiplier: ``s = eta / eta_Newton`` (``"hessian"`` only).
 
   Returns:
     ``{"laq": path, "blaq": path}``, each ``{"latent": [steps + 1, 2],
@@ -213,6 +221,11 @@ def toy_trajectories(start=(-0.05, 0.06), *, steps: int = 20,
   if curvature not in ("hessian", "adam"):
     raise ValueError(f"curvature must be 'hessian' or 'adam', got "
                      f"{curvature!r}.")
+  if not multiplier > 0:
+    raise ValueError(f"multiplier must be positive, got {multiplier!r}.")
+  if curvature == "adam" and multiplier != 1.0:
+    raise ValueError("multiplier applies to curvature='hessian'; with "
+                     "'adam' set learning_rate instead.")
   start = np.asarray(start, np.float32)
   if start.shape != (2,):
     raise ValueError(f"start must be a point (w1, w2), got {start!r}.")
@@ -224,7 +237,7 @@ def toy_trajectories(start=(-0.05, 0.06), *, steps: int = 20,
   b1 = 0.0 if curvature == "hessian" else 0.9
   extra = {}
   if curvature == "hessian":
-    hess = {"kernel": jnp.array([[10.0, 2.0]])}
+    hess = {"kernel": jnp.array([[10.0, 2.0]]) / multiplier}
     extra["curvature_fn"] = lambda p: hess
   transforms = {"laq": blaq_jax.laq(learning_rate, b1=b1),
                 "blaq": blaq_jax.blaq(learning_rate, a=a, b1=b1)}
@@ -251,19 +264,8 @@ def toy_trajectories(start=(-0.05, 0.06), *, steps: int = 20,
   return out
 
 
-def plot_toy_trajectories(path: str, paths: Optional[Dict] = None,
-                          **kwargs) -> str:
-  """Fig. 1: latent (solid) and quantized (dotted) paths over the contours.
-
-  Args:
-    path: the PNG file to write.
-    paths: the output of :func:`toy_trajectories` (computed with
-      ``**kwargs`` if not given).
-  """
-  if paths is None:
-    paths = toy_trajectories(**kwargs)
-  plt = _pyplot()
-  fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.2))
+def _draw_toy(ax, ax_loss, paths: Dict, title: str) -> None:
+  """Latent/quantized paths over the contours (``ax``) and the loss curves."""
   pts = np.concatenate([np.concatenate([p["latent"], p["quantized"]])
                         for p in paths.values()])
   lo, hi = pts.min(0), pts.max(0)
@@ -281,49 +283,137 @@ def plot_toy_trajectories(path: str, paths: Optional[Dict] = None,
   ax.set_xlabel("$w_1$")
   ax.set_ylabel("$w_2$")
   ax.legend(fontsize=7)
-  ax.set_title(r"$\ell(w)=5(w_1-0.054)^2+(w_2+0.055)^2$, 1 bit")
+  ax.set_title(title, fontsize=9)
   ax_loss.set_yscale("log")
   ax_loss.set_xlabel("step")
   ax_loss.set_ylabel("loss at the quantized point")
   ax_loss.grid(alpha=0.3)
   ax_loss.legend()
+
+
+def plot_toy_trajectories(path: str, paths: Optional[Dict] = None,
+                          **kwargs) -> str:
+  """Fig. 1 at one step size: paths over the contours, and the loss.
+
+  Args:
+    path: the PNG file to write.
+    paths: the output of :func:`toy_trajectories` (computed with
+      ``**kwargs`` if not given).
+  """
+  if paths is None:
+    paths = toy_trajectories(**kwargs)
+  plt = _pyplot()
+  fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.2))
+  _draw_toy(ax, ax_loss,
+            paths, r"$\ell(w)=5(w_1-0.054)^2+(w_2+0.055)^2$, 1 bit")
   return _save(fig, path)
 
 
-def main(argv=None) -> Dict[str, Dict[str, float]]:
-  """Writes Fig. 1 and prints the zig-zag statistics of LAQ and BLAQ on it.
+def fig1_caption(multiplier: float, stats: Mapping[str, Mapping],
+                 a: float = 0.6) -> str:
+  """What the Fig. 1 row at step multiplier ``multiplier`` shows."""
+  laq, blaq = stats["laq"], stats["blaq"]
+  threshold = 2 / (1 + a)
 
-  ``python -m experiments.plots --out runs/fig1.png`` (see ``--help``).
-  The statistics are :func:`experiments.zigzag.table1_stats` of the two
-  latent weights over the whole run.
+  def when(r):
+    return ("never" if r["steps_to_stay"] is None
+            else f"from step {r['steps_to_stay']}")
+  name = "the exact Newton step" if multiplier == 1.0 else (
+      f"{multiplier:g} times the Newton step")
+  side = ("above Theorem 2's threshold" if multiplier > threshold
+          else "below Theorem 2's threshold")
+  return (f"s = {multiplier:g}: {name}, {side} s > 2 / (1 + a) = "
+          f"{threshold:.2f}. Within 1e-3 of the best 1-bit point's loss "
+          f"(relative to the start) and staying there: LAQ {when(laq)}, "
+          f"BLAQ {when(blaq)}. Turning points of the latent path per "
+          f"weight: LAQ {laq['turning_points']:.1f}, BLAQ "
+          f"{blaq['turning_points']:.1f}.")
+
+
+def plot_fig1(path: str, multipliers: Sequence[float] = (1.0, 1.9), *,
+              steps: int = 40, a: float = 0.6) -> Dict[float, Dict]:
+  """Fig. 1 at several step multipliers, one row each; returns the stats.
+
+  Each row: left, the latent (solid) and quantized (dotted) paths of LAQ
+  and BLAQ over the contours of the toy loss; right, the loss at the
+  quantized point per step. Row titles are :func:`fig1_caption`.
+
+  Returns:
+    ``{s: {"laq": measures, "blaq": measures, "caption": text}}`` with the
+    measures of :func:`experiments.toy_sweep.toy_measures` (tolerance
+    1e-3) and the Table 1 statistics of :mod:`experiments.zigzag`.
+  """
+  from experiments import toy_sweep  # pylint: disable=g-import-not-at-top
+  from experiments import zigzag  # pylint: disable=g-import-not-at-top
+  best = toy_sweep.best_level_set_loss(toy_sweep.make_toy("fig1"), 1)
+  plt = _pyplot()
+  fig, axes = plt.subplots(len(multipliers), 2,
+                           figsize=(11, 4.6 * len(multipliers)),
+                           squeeze=False)
+  out = {}
+  for row, s in zip(axes, multipliers):
+    paths = toy_trajectories(steps=steps, a=a, multiplier=float(s))
+    stats = {}
+    for name, p in paths.items():
+      codes = np.sign(p["quantized"])  # 1 bit: the code is the sign
+      stats[name] = dict(
+          **toy_sweep.toy_measures(toy_loss(p["quantized"]).astype(float),
+                                   best, p["latent"], codes, 1e-3),
+          **zigzag.table1_stats(p["latent"], codes))
+    caption = fig1_caption(float(s), stats, a)
+    out[float(s)] = dict(stats, caption=caption)
+    _draw_toy(row[0], row[1], paths, "\n".join(_wrap(caption, 70)))
+  fig.suptitle(r"Fig. 1 toy $\ell(w)=5(w_1-0.054)^2+(w_2+0.055)^2$, 1 bit, "
+               f"b1 = 0, a = {a:g}, D = H / s", fontsize=10)
+  _save(fig, path)
+  return out
+
+
+def _wrap(text: str, width: int) -> List[str]:
+  import textwrap  # pylint: disable=g-import-not-at-top
+  return textwrap.wrap(text, width)
+
+
+def main(argv=None) -> Dict:
+  """Writes Fig. 1 and prints what each row shows, with its statistics.
+
+  ``python -m experiments.plots fig1 --out experiments/results/fig1.png``
+  draws one row per ``--multipliers`` (default 1 and 1.9: the Newton step,
+  where LAQ cannot zig-zag, and a step where it does). The statistics are
+  :func:`experiments.toy_sweep.toy_measures` and
+  :func:`experiments.zigzag.table1_stats` of the two latent weights over the
+  whole run. The leading ``fig1`` may be omitted.
   """
   import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
 
-  from experiments import zigzag  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "fig1":
+    argv = argv[1:]
   p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
   p.add_argument("--out", default="fig1.png", help="PNG file to write")
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--steps", type=int, default=40)
   p.add_argument("--a", type=float, default=0.6)
-  p.add_argument("--curvature", choices=("hessian", "adam"),
-                 default="hessian")
-  p.add_argument("--learning_rate", type=float, default=1.0)
-  p.add_argument("--start", type=float, nargs=2, default=(-0.05, 0.06))
+  p.add_argument("--multipliers", default="1.0,1.9",
+                 help="comma-separated s = eta / eta_Newton, one row each")
   args = p.parse_args(argv)
-  paths = toy_trajectories(tuple(args.start), steps=args.steps, a=args.a,
-                           curvature=args.curvature,
-                           learning_rate=args.learning_rate)
-  print(f"Fig. 1 toy loss, 1 bit, {args.steps} steps from {args.start}, "
-        f"curvature={args.curvature}, lr={args.learning_rate}, a={args.a}")
-  print("| method | final loss | latent amplitude (max) | sign flips "
-        "(mean per weight) |\n|---|---|---|---|")
-  stats = {}
-  for name, path in paths.items():
-    # 1 bit: the code of a weight is its sign (the scale changes each step).
-    s = zigzag.table1_stats(path["latent"], np.sign(path["quantized"]))
-    stats[name] = dict(final_loss=float(path["loss"][-1]), **s)
-    print(f"| {name} | {path['loss'][-1]:.3g} | {s['amplitude']:.3g} | "
-          f"{s['frequency']:.3g} |")
-  print(f"Written: {plot_toy_trajectories(args.out, paths)}")
+  mults = [float(x) for x in args.multipliers.split(",") if x.strip()]
+  stats = plot_fig1(args.out, mults, steps=args.steps, a=args.a)
+  print(f"Fig. 1 toy loss, 1 bit, {args.steps} steps from (-0.05, 0.06), "
+        f"b1 = 0, a = {args.a}, D = H / s")
+  print("| s | method | steps to stay within 1e-3 | first within | turning "
+        "points per weight | latent amplitude (max) | sign flips per weight "
+        "| final loss gap |\n|---|---|---|---|---|---|---|---|")
+  for s, row in stats.items():
+    for name in ("laq", "blaq"):
+      r = row[name]
+      print(f"| {s:g} | {name} | {r['steps_to_stay']} | {r['steps_to_tol']} "
+            f"| {r['turning_points']:.1f} | {r['amplitude']:.3g} | "
+            f"{r['frequency']:.3g} | {r['final_gap']:.3g} |")
+  print()
+  for s, row in stats.items():
+    print(f"Row s = {s:g}: {row['caption']}")
+  print(f"Written: {args.out}")
   return stats
 
 

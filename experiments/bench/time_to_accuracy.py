@@ -12,10 +12,16 @@ run first reached the target:
 * gradient evaluations (one per step; two on BLAQ's active steps) and the
   extra forward passes of FOGZO/n-SPSA (``loss_evals``),
 
-as the mean over the seeds that reached it (how many did is shown). It also
-writes ``accuracy_vs_cost_wall_time.png`` and ``..._grad_evals.png``: test
-accuracy of each method's first seed against wall time and against gradient
-evaluations.
+as the mean ± sample standard deviation over the seeds that reached it
+(:mod:`experiments.stats`; how many did is shown: a run that never reaches a
+target stays in the count as not reached). The targets must be fixed before
+the runs and given with ``--targets`` (there is no default: a target chosen
+after seeing the curves favours the method whose plateau it sits under).
+The accuracy column is the test accuracy at the epoch of best validation
+accuracy (never the best test accuracy), when the runs have a validation
+split. It also writes ``accuracy_vs_cost_wall_time.png`` and
+``..._grad_evals.png``: test accuracy of each method's first seed against
+wall time and against gradient evaluations.
 
 Usage::
 
@@ -43,6 +49,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from experiments import plots
+from experiments import stats
 from experiments import train as train_lib
 from experiments.bench import common
 
@@ -52,10 +59,10 @@ COST_KEYS = ("epoch", "wall_time", "grad_evals", "loss_evals")
 def reach(epochs: Sequence[Mapping[str, Any]], target: float,
           key: str = "test_accuracy") -> Optional[Dict[str, Any]]:
   """The cost fields of the first epoch record with ``key >= target``."""
-  for r in epochs:
-    if r.get(key) is not None and r[key] >= target:
-      return {k: r.get(k, 0) for k in COST_KEYS}
-  return None
+  hit = stats.first_reaching(epochs, target, key=key)
+  if not hit.reached:
+    return None
+  return {k: hit.record.get(k, 0) for k in COST_KEYS}
 
 
 def load_runs(workdir: str, methods: Optional[Sequence[str]] = None
@@ -79,24 +86,41 @@ def load_runs(workdir: str, methods: Optional[Sequence[str]] = None
 
 def table(runs: Mapping[str, List[List[Mapping]]],
           targets: Sequence[float]) -> List[Dict[str, Any]]:
-  """One row per method and target (means over the seeds that reached)."""
+  """One row per method and target.
+
+  Each cost field ``k`` is the mean over the runs that reached the target
+  (``None`` if none did), with ``k + "_std"`` its sample standard deviation
+  (``None`` under 2 runs); ``reached``/``runs`` count them. ``best`` is the
+  mean test accuracy at the best-validation epoch (``None`` without a
+  validation split).
+  """
   rows = []
   for method, per_seed in runs.items():
-    best = [max(r["test_accuracy"] for r in recs) for recs in per_seed]
+    best = []
+    for recs in per_seed:
+      try:
+        best.append(stats.select_by_validation(recs)["test_accuracy"])
+      except ValueError:  # no validation split: no best epoch
+        pass
+    best = [b for b in best if b is not None]
     for target in targets:
       hits = [reach(recs, target) for recs in per_seed]
       ok = [h for h in hits if h is not None]
       row = dict(method=method, target=target, reached=len(ok),
-                 runs=len(hits), best=float(np.mean(best)),
+                 runs=len(hits),
+                 best=float(np.mean(best)) if best else None,
                  epochs_run=float(np.mean([len(r) for r in per_seed])))
       for k in COST_KEYS:
-        row[k] = float(np.mean([h[k] for h in ok])) if ok else None
+        s = stats.summarize([h[k] for h in ok])
+        row[k], row[k + "_std"] = s.mean, s.std
       rows.append(row)
   return rows
 
 
-def _cell(x, fmt):
-  return "-" if x is None else format(x, fmt)
+def _cell(x, fmt, std=None):
+  if x is None:
+    return "-"
+  return format(x, fmt) + ("" if std is None else " ± " + format(std, fmt))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -106,14 +130,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                  "comma-separated")
   p.add_argument("--methods", default="",
                  help="comma-separated (default: all found)")
-  p.add_argument("--targets", default="0.98,0.985",
-                 help="comma-separated test accuracies in [0, 1]")
+  p.add_argument("--targets", default="",
+                 help="comma-separated test accuracies in (0, 1], fixed "
+                 "before the runs (required)")
   p.add_argument("--plot", default=None,
                  help="PNG to write (default WORKDIR/accuracy_vs_cost.png)")
   args = p.parse_args(argv)
-  targets = [float(t) for t in args.targets.split(",") if t]
-  if any(not 0 < t <= 1 for t in targets):
-    raise SystemExit(f"--targets must be in (0, 1], got {targets}.")
+  try:
+    targets = stats.parse_targets(args.targets)
+  except ValueError as e:
+    raise SystemExit(f"--targets: {e}") from e
   methods = [m for m in args.methods.split(",") if m] or None
   workdirs = [w for w in args.workdir.split(",") if w]
   runs = {}
@@ -127,14 +153,23 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         runs[method] = recs
   if not runs:
     raise SystemExit(f"None of the methods {methods} found in {workdirs}.")
+  if not targets:
+    raise SystemExit("--targets is required: give the target test "
+                     "accuracies fixed before the runs, e.g. --targets 0.98.")
   rows = table(runs, targets)
+  print("Mean ± sample standard deviation over the runs that reached the "
+        "target (reached: how many of all runs did).\n")
   print(common.markdown_table(
       ["method", "target (%)", "reached", "epochs", "wall time (s)",
-       "grad evals", "extra fwd passes", "best acc (%)", "epochs run"],
+       "grad evals", "extra fwd passes", "test acc at best val epoch (%)",
+       "epochs run"],
       [[r["method"], f"{100 * r['target']:.2f}",
-        f"{r['reached']}/{r['runs']}", _cell(r["epoch"], ".1f"),
-        _cell(r["wall_time"], ".0f"), _cell(r["grad_evals"], ".0f"),
-        _cell(r["loss_evals"], ".0f"), f"{100 * r['best']:.2f}",
+        f"{r['reached']}/{r['runs']}",
+        _cell(r["epoch"], ".1f", r["epoch_std"]),
+        _cell(r["wall_time"], ".0f", r["wall_time_std"]),
+        _cell(r["grad_evals"], ".0f", r["grad_evals_std"]),
+        _cell(r["loss_evals"], ".0f", r["loss_evals_std"]),
+        _cell(None if r["best"] is None else 100 * r["best"], ".2f"),
         f"{r['epochs_run']:.0f}"] for r in rows]))
   first = {m: recs[0] for m, recs in runs.items()}  # seed curves: the first
   out = args.plot or str(pathlib.Path(workdirs[0]) / "accuracy_vs_cost.png")
