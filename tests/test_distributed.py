@@ -22,6 +22,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import blaq_jax
+from experiments import checkpointing
+from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import train as train_lib
 from experiments.configs import quick
 
@@ -65,7 +68,7 @@ def _env(devices: int):
 
 
 def _epochs(workdir):
-  return train_lib.read_jsonl(pathlib.Path(workdir) / "metrics" /
+  return metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics" /
                               "epochs.jsonl")
 
 
@@ -95,10 +98,17 @@ def test_two_processes_train_like_one(shared_data_dir, tmp_path):
     for key in ("train_accuracy", "test_accuracy", "validation_accuracy"):
       assert a[key] == pytest.approx(b[key], abs=0.006), key  # 1 example
 
+  # Process 0 recorded the digests of both processes' files after the save.
+  for epoch in (1, 2):
+    assert checkpointing.verify_digests(
+        tmp_path / "multi" / "checkpoints" / str(epoch)) is None
+  assert list((tmp_path / "multi" / "checkpoints" / "2").rglob(
+      "ocdbt.process_1"))
+
   # The single-process checkpoint restores here; the multi-process one is
   # refused for its process count, with a message naming it.
   config = _config(shared_data_dir)
-  with pytest.raises(train_lib.ConfigMismatchError,
+  with pytest.raises(checkpointing.ConfigMismatchError,
                      match=r"written by 2 process\(es\); this run has 1"):
     train_lib.restore_latest(str(tmp_path / "multi"), config)
   _, state, meta = train_lib.restore_latest(str(tmp_path / "single"), config)
@@ -109,7 +119,7 @@ def test_two_processes_train_like_one(shared_data_dir, tmp_path):
 def test_mesh_without_data_axis_is_a_clear_error():
   mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
   with pytest.raises(ValueError, match="no 'data' axis"):
-    train_lib.global_batch(mesh, {"image": np.zeros((4, 2))})
+    input_pipeline.global_batch(mesh, {"image": np.zeros((4, 2))})
 
 
 @pytest.mark.parametrize("make", [
