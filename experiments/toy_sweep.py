@@ -91,6 +91,7 @@ import dataclasses
 import itertools
 import json
 import pathlib
+import shlex
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -616,17 +617,20 @@ def _toy_sections(rows: List[Dict[str, Any]]) -> List[str]:
             "cell: how often BLAQ got to stay within the tolerance "
             "(`steps_to_stay`) in fewer steps than LAQ at the same "
             "(multiplier, b1, bits) (a run that never stays within or "
-            "diverges counts as infinitely slow; both never: a tie); how "
-            "often its mean relative gap over the second half of the run "
-            "(`late_rel_gap`) was lower; and the multipliers `s` where BLAQ "
-            "is faster at `a = 0.6` (1 bit).", "",
-            "| problem | reading | faster | slower | tie | lower late gap "
+            "diverges counts as infinitely slow; both never: a tie); the "
+            "same for the first step within the tolerance (`steps_to_tol`); "
+            "how often its mean relative gap over the second half of the "
+            "run (`late_rel_gap`) was lower; and the multipliers `s` where "
+            "BLAQ stays within sooner at `a = 0.6` (1 bit).", "",
+            "| problem | reading | faster / slower / tie (stay) "
+            "| faster / slower / tie (first) | lower late gap "
             "| 1 bit, b1 = 0, a = 0.6: faster at s "
             "| 1 bit, b1 = 0.9, a = 0.6: faster at s |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|"]
   for p in problems:
     for reading in READINGS:
       tally = {1: 0, -1: 0, 0: 0}
+      first = {1: 0, -1: 0, 0: 0}
       lower, compared = 0, 0
       wins = {0.0: [], 0.9: []}
       for r in rows:
@@ -638,6 +642,7 @@ def _toy_sections(rows: List[Dict[str, Any]]) -> List[str]:
           continue
         c = _faster(r, laq)
         tally[c] += 1
+        first[_faster(r, laq, "steps_to_tol")] += 1
         compared += 1
         lower += bool(not r["diverged"] and (
             laq["diverged"] or r["late_rel_gap"] < laq["late_rel_gap"]))
@@ -647,8 +652,8 @@ def _toy_sections(rows: List[Dict[str, Any]]) -> List[str]:
       if sum(tally.values()) == 0:
         continue
       lines.append(
-          f"| {p} | {reading} | {tally[1]} | {tally[-1]} | {tally[0]} | "
-          f"{lower}/{compared} | "
+          f"| {p} | {reading} | {tally[1]} / {tally[-1]} / {tally[0]} | "
+          f"{first[1]} / {first[-1]} / {first[0]} | {lower}/{compared} | "
           f"{', '.join(f'{s:g}' for s in sorted(wins[0.0])) or 'none'} | "
           f"{', '.join(f'{s:g}' for s in sorted(wins[0.9])) or 'none'} |")
   lines.append("")
@@ -749,25 +754,32 @@ def _softmax_sections(rows: List[Dict[str, Any]]) -> List[str]:
   return lines
 
 
-def write_summary(out: str, command: str = COMMAND, note: str = "") -> str:
+def write_summary(out: str, command: Optional[str] = COMMAND,
+                  note: str = "") -> str:
   """Rewrites ``OUT/summary.md`` from the JSONL files; returns its text.
 
-  ``note`` (e.g. the library commit) is kept from the previous summary when
-  not given.
+  ``command`` (``None``: the one the previous summary names, else
+  :data:`COMMAND`) and ``note`` (e.g. the library commit; kept from the
+  previous summary when not given) are recorded at the top.
   """
   rows = [r for p in PROBLEMS for r in read_rows(out, p)]
   path = pathlib.Path(out) / "summary.md"
-  if not note and path.exists():
-    old = [line for line in path.read_text().splitlines()
-           if line.startswith("Note: ")]
-    note = old[0][len("Note: "):] if old else ""
+  old = path.read_text().splitlines() if path.exists() else []
+  if not note:
+    notes = [line for line in old if line.startswith("Note: ")]
+    note = notes[0][len("Note: "):] if notes else ""
+  if command is None:
+    written = [line.split("`")[1] for line in old
+               if line.startswith("Written by `")]
+    command = written[0] if written else COMMAND
 
   text = "\n".join([
       "# Toy and convex sweep: where BLAQ beats LAQ", "",
       f"Written by `{command}` (module docstring of "
       "`experiments/toy_sweep.py`: problems, step multiplier `s = eta / "
       "eta_Newton`, measures). Raw rows: `runs_<problem>.jsonl` in this "
-      f"directory ({len(rows)} runs).", "",
+      f"directory ({len(rows)} runs). Tables rendered from them by "
+      f"`python -m experiments.toy_sweep --out {out} --summary_only`.", "",
       *([f"Note: {note}", ""] if note else []),
       *_toy_sections([r for r in rows if r["problem"] in TOYS]),
       *_softmax_sections([r for r in rows if r["problem"] in SOFTMAX])])
@@ -794,15 +806,16 @@ def main(argv: Optional[Sequence[str]] = None):
   p.add_argument("--steps", type=int, default=None)
   p.add_argument("--tol", type=float, default=1e-3)
   p.add_argument("--data_dir", default=None)
-  p.add_argument("--summary_only", action="store_true")
+  p.add_argument("--summary_only", action="store_true",
+                 help="rewrite summary.md from the JSONL files (keeps the "
+                 "command and note it names)")
   p.add_argument("--note", default="",
                  help="a line to record in the summary (e.g. the commit)")
   args = p.parse_args(argv)
-  command = "python -m experiments.toy_sweep " + " ".join(
+  command = "python -m experiments.toy_sweep " + shlex.join(
       sys.argv[1:] if argv is None else argv)
   if args.summary_only:
-    print(write_summary(args.out, f"python -m experiments.toy_sweep --out "
-                        f"{args.out}", args.note))
+    print(write_summary(args.out, None, args.note))
     return []
   return run_sweep(
       args.out, problems=_csv(args.problems, str),
