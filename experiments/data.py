@@ -103,8 +103,8 @@ def _find_original(data_dir: pathlib.Path, name: str,
   raise FileNotFoundError(
       f"{name}: original file '{fname}' not found; searched "
       f"{', '.join(str(p.parent) for p in candidates)}. Put the original "
-      f"{name} files there, or point --data_dir / ${DATA_DIR_ENV} at the "
-      "folder holding them.")
+      f"{name} files there, or point --config.data_dir (the training "
+      f"application's flag) or ${DATA_DIR_ENV} at the folder holding them.")
 
 
 def verify_file(path: pathlib.Path, expected: str) -> None:

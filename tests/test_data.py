@@ -88,6 +88,9 @@ def test_missing_file_names_file_and_folder(shared_data_dir, tmp_path):
     data.load_mnist(tmp_path, "mnist")
   assert "train-labels-idx1-ubyte.gz" in str(err.value)
   assert str(dest) in str(err.value)
+  # The hint names the flag that exists (--config.data_dir) and the variable.
+  assert "point --config.data_dir" in str(err.value)
+  assert "or $BLAQ_DATA_DIR at the folder" in str(err.value)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
     data.load_mnist(tmp_path / "empty", "fashion_mnist")
 
