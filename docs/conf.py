@@ -11,7 +11,8 @@ in pyproject.toml), so the README's single test command covers them.
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(".."))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
 
 import blaq_jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -28,7 +29,7 @@ extensions = [
 ]
 
 master_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "conftest.py"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 templates_path = []
 
 # -- autodoc / napoleon ------------------------------------------------------
@@ -47,9 +48,9 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jnp|np|numpy|optax|flax|nnx|chex|typing|collections"
                r"|os|pathlib|ml_dtypes|safetensors|orbax)(\..*)?"),
-    (r"py:.*", r"(Any|Callable|Optional|Union|Sequence|Mapping|NamedTuple"
-               r"|PathLike|ScalarOrSchedule|Active|Quantize|Scale|PyTree"
-               r"|Array|ArrayLike)"),
+    (r"py:.*", r"(\w+\.)*(Any|Callable|Optional|Union|Sequence|Mapping"
+               r"|NamedTuple|PathLike|ScalarOrSchedule|Active|Quantize|Scale"
+               r"|PyTree|Array|ArrayLike)"),
 ]
 
 # -- HTML --------------------------------------------------------------------
@@ -67,7 +68,12 @@ html_static_path = []
 
 
 def _resolve_by_suffix(app, env, node, contnode):
-  """``missing-reference`` handler: match the target's trailing components."""
+  """``missing-reference`` handler: match the target's trailing components.
+
+  Only objects of a type the role accepts count (``:func:`` finds functions
+  and methods, not classes); among several, the public top-level name
+  ``blaq_jax.<name>`` wins; otherwise an ambiguous target stays unresolved.
+  """
   # pylint: disable=g-import-not-at-top
   from sphinx.util.nodes import make_refnode
   if node.get("refdomain") != "py":
@@ -75,22 +81,27 @@ def _resolve_by_suffix(app, env, node, contnode):
   target = node.get("reftarget", "").lstrip(".~")
   if not target.startswith("blaq_jax.") and "." in target:
     return None  # another library's name
-  objects = env.get_domain("py").objects
+  domain = env.get_domain("py")
+  objtypes = set(domain.objtypes_for_role(node.get("reftype", "obj")) or ())
   parts = target.split(".")
   for n in range(len(parts), 0, -1):
     suffix = ".".join(parts[-n:])
     if suffix == "blaq_jax":
       continue
-    found = [name for name, obj in objects.items()
+    found = [name for name, obj in domain.objects.items()
              if name.startswith("blaq_jax.") and obj.objtype != "module"
+             and (not objtypes or obj.objtype in objtypes)
              and (name == suffix or name.endswith("." + suffix))]
+    if len(found) > 1:
+      found = [name for name in found if name == "blaq_jax." + suffix]
     if len(found) == 1:
-      obj = objects[found[0]]
+      obj = domain.objects[found[0]]
       return make_refnode(app.builder, node["refdoc"], obj.docname,
                           obj.node_id, contnode, found[0])
     if found:
-      return None  # ambiguous: leave the warning
+      return None
   return None
+
 
 def setup(app):
   app.connect("missing-reference", _resolve_by_suffix)
