@@ -9,12 +9,24 @@ diagonal curvature ``d`` it solves
 
 * Binary ``Q = {-1, +1}``: exact in one pass, ``beta = sign(w)`` (sign(0) = +1)
   and ``alpha = sum(d |w|) / sum(d)``.
-* Otherwise alternate ``alpha = sum(d beta w) / sum(d beta^2)`` and
-  ``beta = nearest_Q(w / alpha)`` until ``|alpha - alpha_old| < tol`` or
-  ``max_iter`` rounds. Because ``beta`` is a closed-form function of
-  ``w / alpha``, the loop carries only ``alpha``: each round is one fused
-  reduction over ``(w, d)``, and the codes are written once at the end.
-  ``beta`` starts from the previous step's codes (warm start) when given.
+* Otherwise alternate ``beta = nearest_Q(w / alpha)`` and
+  ``alpha = sum(d beta w) / sum(d beta^2)``. Because ``beta`` is a
+  closed-form function of ``w / alpha``, only ``alpha`` is carried: each
+  round is one fused pass over ``(w, d)`` that forms both sums, and the codes
+  are written once at the end, ``codes = nearest_Q(w / alpha)`` (the
+  ``beta`` half-step of one more round, so never worse than the last round).
+  Every round lowers the objective (or keeps it), from any start.
+
+  - ``tol > 0`` (the default): rounds until ``|alpha - alpha_old| < tol`` or
+    ``max_iter`` rounds, in a ``while_loop`` (the exact fixed point, as
+    before), starting from ``prev_codes`` when given.
+  - ``tol=None``: exactly ``max_iter`` rounds, unrolled, with no
+    data-dependent control flow (the cheap per-step scheme: no host round
+    trip on an accelerator, a fixed number of passes). It starts from
+    ``start_alpha`` (e.g. :func:`extrapolate` of the last two scales), else
+    from ``prev_alpha`` (the last step's scale), else from the closed-form
+    guess ``gaussian_scale(Q) * sqrt(sum(d w^2) / sum(d))`` (the scale that
+    is optimal if ``w`` were Gaussian; one extra pass).
 
 With ``channel_axis`` set, ``alpha`` has one entry per slice of that axis and
 all sums run over the other axes (per-output-channel scaling).
@@ -27,6 +39,12 @@ Example:
   >>> alpha, codes = project(w, jnp.ones_like(w), LevelSet("blaq", 1))
   >>> round(float(alpha), 4), codes.tolist()
   (0.25, [1, 0, 1, 0])
+  >>> # 2 bits, two fixed rounds from the last scale 0.3: beta = nearest(w /
+  >>> # 0.3) = [1, -1/2, 1/2, -1], alpha = sum(beta w) / sum(beta^2) = 0.85 / 2.5
+  >>> alpha, codes = project(w, jnp.ones_like(w), LevelSet("blaq", 2),
+  ...                        prev_alpha=jnp.array(0.3), tol=None, max_iter=2)
+  >>> round(float(alpha), 4), codes.tolist()
+  (0.34, [3, 1, 2, 0])
 """
 
 from __future__ import annotations
@@ -35,8 +53,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from blaq_jax.levels import LevelSet
+from blaq_jax.levels import LevelSet, gaussian_scale
 
 
 def _reduce_axes(ndim: int, channel_axis: Optional[int]):
@@ -70,9 +89,67 @@ def dequantize(alpha, codes, level_set: LevelSet, channel_axis=None,
   return (a * beta).astype(dtype)
 
 
+def extrapolate(alpha, alpha_before):
+  """A start for the next projection from the last two scales.
+
+  ``alpha + (alpha - alpha_before)``, kept in ``[alpha / 2, 2 alpha]`` (so
+  positive). Pass it to :func:`project` as ``start_alpha``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> round(float(extrapolate(jnp.array(0.5), jnp.array(0.4))), 4)
+    0.6
+  """
+  alpha = jnp.asarray(alpha, jnp.float32)
+  guess = 2 * alpha - jnp.asarray(alpha_before, jnp.float32)
+  return jnp.clip(guess, alpha / 2, 2 * alpha)
+
+
+# A per-tensor sum runs over blocks of at most this many contiguous entries
+# (then over the block sums): one XLA:CPU loop reduction with several outputs
+# adds serially, which loses ~1e-3 relative over millions of entries.
+_BLOCK = 4096
+
+
+def _block_size(n: int) -> Optional[int]:
+  if n <= _BLOCK:
+    return n
+  b = max(k for k in range(1, _BLOCK + 1) if n % k == 0)
+  return b if b >= 256 else None
+
+
+def fused_sums(terms, axes):
+  """``[sum(t, axes) for t in terms]`` in one pass over their inputs.
+
+  For a per-tensor sum (``axes`` all axes) the terms are reduced together by
+  one variadic ``lax.reduce`` over contiguous blocks, into which XLA fuses
+  their producers (``d * beta * w`` and ``d * beta^2`` are never written to
+  memory), then the few block sums are added. Per-channel sums, and tensors
+  whose size has no block divisor, use one ``jnp.sum`` per term.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(6.0).reshape(2, 3)
+    >>> [float(s) for s in fused_sums([x, x * x], (0, 1))]
+    [15.0, 55.0]
+  """
+  terms = [jnp.asarray(t, jnp.float32) for t in terms]
+  shape = terms[0].shape
+  b = _block_size(int(np.prod(shape))) if tuple(axes) == tuple(
+      range(len(shape))) and len(shape) > 0 else None
+  if b is None:
+    return [jnp.sum(t, axes) for t in terms]
+  blocks = tuple(t.reshape(-1, b) for t in terms)
+  zeros = tuple(jnp.zeros([], jnp.float32) for _ in terms)
+  parts = jax.lax.reduce(blocks, zeros,
+                         lambda x, y: tuple(a + c for a, c in zip(x, y)),
+                         (1,))
+  return [jnp.sum(p) for p in parts]
+
+
 def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
-            prev_codes=None, prev_alpha=None, tol: float = 1e-6,
-            max_iter: int = 20):
+            prev_codes=None, prev_alpha=None, tol: Optional[float] = 1e-6,
+            max_iter: int = 20, start_alpha=None):
   """Projects ``w`` onto the scaled level set, weighting errors by ``d``.
 
   Args:
@@ -81,17 +158,35 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     level_set: the :class:`~blaq_jax.levels.LevelSet` of ``beta``.
     channel_axis: ``None`` for one scale per tensor, else the axis that gets
       its own scale (``-1``: the output axis of Flax kernels).
-    prev_codes: codes of the previous projection, used to warm-start ``beta``.
-      Without them ``beta`` starts from ``nearest(w / max|w|)``.
-    prev_alpha: returned where a slice is all-zero (``sum(d beta^2) = 0``),
-      which keeps ``alpha`` finite; defaults to 1.
-    tol: stop when ``|alpha - alpha_old| < tol`` for every scale.
-    max_iter: cap on the alternating rounds (the first round is always run).
+    prev_codes: codes of the previous projection; with ``tol > 0`` they
+      warm-start ``beta`` (without them ``beta`` starts from
+      ``nearest(w / max|w|)``). Not read with ``tol=None``.
+    prev_alpha: the previous scale. Returned where a slice is all-zero
+      (``sum(d beta^2) = 0``), which keeps ``alpha`` finite (default 1);
+      with ``tol=None`` also the start of the rounds.
+    tol: ``> 0``: stop when ``|alpha - alpha_old| < tol`` for every scale.
+      ``None``: run exactly ``max_iter`` rounds (no ``while_loop``).
+    max_iter: with ``tol > 0`` the cap on the rounds (the first round is
+      always run); with ``tol=None`` the number of rounds (a static int
+      ``>= 1``).
+    start_alpha: with ``tol=None``, the scale the rounds start from (e.g.
+      :func:`extrapolate` of the last two scales); overrides ``prev_alpha``
+      as the start.
 
   Returns:
     ``(alpha, codes)``: float32 scales of shape ``scale_shape(w.shape, ...)``
     and uint8 codes of ``w.shape``.
   """
+  if tol is not None and not isinstance(tol, jax.core.Tracer) and not (
+      np.ndim(tol) == 0 and float(tol) >= 0):
+    raise ValueError(f"project: tol must be None (fixed rounds) or >= 0, got "
+                     f"{tol!r}.")
+  if tol is None and (isinstance(max_iter, (bool, np.bool_, jax.Array))
+                      or not isinstance(max_iter, (int, np.integer))
+                      or max_iter < 1):
+    raise ValueError(
+        "project: with tol=None, max_iter is the number of rounds and must "
+        f"be a static int >= 1, got {max_iter!r}.")
   w = jnp.asarray(w, jnp.float32)
   d = jnp.asarray(d, jnp.float32)
   axes = _reduce_axes(w.ndim, channel_axis)
@@ -104,12 +199,27 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
   if level_set.kind == "blaq" and level_set.bits == 1:
-    alpha = safe_ratio(jnp.sum(d * jnp.abs(w), axes), jnp.sum(d, axes))
+    alpha = safe_ratio(*fused_sums([d * jnp.abs(w), d], axes))
     return alpha, level_set.codes(w)
 
   def alpha_for(beta):
-    return safe_ratio(jnp.sum(d * beta * w, axes),
-                      jnp.sum(d * beta * beta, axes))
+    db = d * beta
+    return safe_ratio(*fused_sums([db * w, db * beta], axes))
+
+  def beta_at(alpha):
+    # alpha > 0 always (ratio of positive sums, or the positive fallback).
+    return level_set.nearest(w / _expand(alpha, w.ndim, channel_axis))
+
+  if tol is None:
+    if start_alpha is not None:
+      alpha = jnp.broadcast_to(jnp.asarray(start_alpha, jnp.float32), sshape)
+    elif prev_alpha is not None:
+      alpha = fallback
+    else:
+      alpha = initial_scale(w, d, level_set, channel_axis=channel_axis)
+    for _ in range(int(max_iter)):
+      alpha = alpha_for(beta_at(alpha))
+    return alpha, level_set.codes(w / _expand(alpha, w.ndim, channel_axis))
 
   if prev_codes is not None:
     beta0 = level_set.decode(prev_codes)
@@ -117,10 +227,6 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     beta0 = level_set.nearest(w / jnp.where(wmax > 0, wmax, 1.0))
   alpha0 = alpha_for(beta0)
-
-  def beta_at(alpha):
-    # alpha > 0 always (ratio of positive sums, or the positive fallback).
-    return level_set.nearest(w / _expand(alpha, w.ndim, channel_axis))
 
   def cond(carry):
     i, alpha, prev = carry
@@ -133,3 +239,25 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   alpha1 = alpha_for(beta_at(alpha0))
   _, alpha, _ = jax.lax.while_loop(cond, body, (1, alpha1, alpha0))
   return alpha, level_set.codes(w / _expand(alpha, w.ndim, channel_axis))
+
+
+def initial_scale(w, d, level_set: LevelSet, *, channel_axis=None):
+  """A closed-form start for the rounds when no previous scale is known.
+
+  ``gaussian_scale(Q) * sqrt(sum(d w^2) / sum(d))``: the optimal scale of a
+  Gaussian tensor with the same D-weighted RMS (one pass over ``w, d``). An
+  all-zero slice gets 1.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from blaq_jax.levels import LevelSet
+    >>> w = jnp.array([1.0, -1.0, 1.0, -1.0])
+    >>> round(float(initial_scale(w, jnp.ones(4), LevelSet("blaq", 2))), 3)
+    1.302
+  """
+  w = jnp.asarray(w, jnp.float32)
+  d = jnp.asarray(d, jnp.float32)
+  axes = _reduce_axes(w.ndim, channel_axis)
+  s2, sd = fused_sums([d * w * w, d], axes)
+  rms = jnp.sqrt(s2 / jnp.where(sd > 0, sd, 1.0))
+  return jnp.where(rms > 0, gaussian_scale(level_set) * rms, 1.0)

@@ -1,0 +1,225 @@
+"""The fixed-round projection (``tol=None``) against numpy, and its guarantees.
+
+The numpy references are written from METHOD.md's Algorithm 2 with an argmin
+over the levels, independent of the library's closed-form ``nearest``.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import blaq_jax
+from blaq_jax.levels import LevelSet, gaussian_scale
+from blaq_jax.projection import (dequantize, extrapolate, fused_sums,
+                                 initial_scale, project)
+
+SETS = [("blaq", 2), ("blaq", 3), ("linear", 2), ("linear", 3), ("log", 3)]
+
+
+def np_nearest(x, values):
+  return values[np.argmin(np.abs(x[..., None] - values), axis=-1)]
+
+
+def np_rounds(w, d, values, alpha, rounds):
+  """``rounds`` alternations from the scale ``alpha``, then the codes."""
+  for _ in range(rounds):
+    beta = np_nearest(w / alpha, values)
+    alpha = np.sum(d * beta * w) / np.sum(d * beta * beta)
+  return alpha, np_nearest(w / alpha, values)
+
+
+def np_converged(w, d, values, beta, tol=1e-6):
+  """The pre-change ``project`` with ``tol > 0``, in numpy (start ``beta``)."""
+  alpha_old = np.inf
+  for _ in range(200):
+    alpha = np.sum(d * beta * w) / np.sum(d * beta * beta)
+    beta = np_nearest(w / alpha, values)
+    if abs(alpha - alpha_old) < tol:
+      break
+    alpha_old = alpha
+  return alpha, beta
+
+
+def error(w, d, q):
+  return float(np.sum(np.asarray(d, np.float64) * (w - q) ** 2))
+
+
+def problem(seed, shape=(64, 5)):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(scale=0.1, size=shape).astype(np.float32)
+  d = rng.uniform(0.2, 3.0, size=shape).astype(np.float32)
+  return w, d
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+@pytest.mark.parametrize("kind,bits", SETS)
+def test_fixed_rounds_match_numpy_from_the_previous_scale(kind, bits, rounds):
+  w, d = problem(0)
+  ls = LevelSet(kind, bits)
+  prev = np.float32(0.05)  # a poor start, so that every round moves alpha
+  alpha, codes = project(w, d, ls, prev_alpha=prev, tol=None,
+                         max_iter=rounds)
+  ref_alpha, ref_beta = np_rounds(w.astype(np.float64), d, ls.values
+                                  .astype(np.float64), float(prev), rounds)
+  chex.assert_shape(alpha, ())
+  chex.assert_type(codes, jnp.uint8)
+  np.testing.assert_allclose(alpha, ref_alpha, rtol=1e-5)
+  np.testing.assert_array_equal(ls.values[np.asarray(codes)], ref_beta)
+
+
+def test_start_alpha_overrides_prev_alpha_and_prev_codes_are_not_read():
+  w, d = problem(1)
+  ls = LevelSet("blaq", 2)
+  alpha, _ = project(w, d, ls, prev_alpha=np.float32(0.05),
+                     start_alpha=np.float32(0.3), tol=None, max_iter=1)
+  ref, _ = np_rounds(w.astype(np.float64), d, ls.values, 0.3, 1)
+  np.testing.assert_allclose(alpha, ref, rtol=1e-5)
+  codes = ls.codes(jnp.asarray(w))  # any codes: ignored with tol=None
+  again, _ = project(w, d, ls, prev_codes=codes, prev_alpha=np.float32(0.05),
+                     start_alpha=np.float32(0.3), tol=None, max_iter=1)
+  assert float(again) == float(alpha)
+
+
+def test_fixed_rounds_without_a_previous_scale_start_from_the_guess():
+  w, d = problem(2)
+  ls = LevelSet("linear", 3)
+  rms = np.sqrt(np.sum(d * w.astype(np.float64) ** 2) / np.sum(d))
+  guess = gaussian_scale(ls) * rms
+  np.testing.assert_allclose(initial_scale(w, d, ls), guess, rtol=1e-5)
+  alpha, codes = project(w, d, ls, tol=None, max_iter=2)
+  ref_alpha, ref_beta = np_rounds(w.astype(np.float64), d, ls.values, guess,
+                                  2)
+  np.testing.assert_allclose(alpha, ref_alpha, rtol=1e-5)
+  np.testing.assert_array_equal(ls.values[np.asarray(codes)], ref_beta)
+
+
+def test_per_channel_fixed_rounds_equal_per_slice():
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+  d = rng.uniform(0.5, 2.0, size=w.shape).astype(np.float32)
+  ls = LevelSet("blaq", 2)
+  prev = np.linspace(0.5, 1.5, 6).astype(np.float32)
+  alpha, codes = project(w, d, ls, channel_axis=-1, prev_alpha=prev,
+                         tol=None, max_iter=2)
+  chex.assert_shape(alpha, (6,))
+  for c in range(6):
+    ref_alpha, ref_beta = np_rounds(w[..., c].astype(np.float64), d[..., c],
+                                    ls.values, float(prev[c]), 2)
+    np.testing.assert_allclose(alpha[c], ref_alpha, rtol=1e-5)
+    np.testing.assert_array_equal(ls.values[np.asarray(codes[..., c])],
+                                  ref_beta)
+
+
+@pytest.mark.parametrize("kind,bits", SETS)
+def test_every_round_lowers_the_weighted_error(kind, bits):
+  w, d = problem(4, shape=(400,))
+  ls = LevelSet(kind, bits)
+  errors = []
+  for rounds in range(1, 7):
+    alpha, codes = project(w, d, ls, prev_alpha=np.float32(0.02), tol=None,
+                           max_iter=rounds)
+    errors.append(error(w, d, np.asarray(dequantize(alpha, codes, ls))))
+  assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:]))
+  assert errors[-1] < errors[0]
+
+
+@pytest.mark.parametrize("kind,bits", SETS)
+def test_tol_converges_to_the_same_minimiser_as_before(kind, bits):
+  """``tol > 0`` is the old loop: same start (prev codes), same fixed point."""
+  w, d = problem(5, shape=(300, 7))
+  ls = LevelSet(kind, bits)
+  start = ls.codes(jnp.asarray(w / np.abs(w).max()))
+  alpha, codes = project(w, d, ls, prev_codes=start, tol=1e-6, max_iter=200)
+  ref_alpha, ref_beta = np_converged(w.astype(np.float64), d, ls.values,
+                                     ls.values[np.asarray(start)])
+  np.testing.assert_allclose(alpha, ref_alpha, rtol=1e-5)
+  np.testing.assert_array_equal(ls.values[np.asarray(codes)], ref_beta)
+  # Enough fixed rounds from that scale stay at the fixed point.
+  again, codes2 = project(w, d, ls, prev_alpha=alpha, tol=None, max_iter=3)
+  np.testing.assert_allclose(again, alpha, rtol=1e-6)
+  np.testing.assert_array_equal(codes2, codes)
+
+
+def test_fixed_rounds_have_no_while_loop_and_tol_has_one():
+  ls = LevelSet("blaq", 2)
+  w = jnp.ones((8, 4))
+
+  def jaxpr(tol):
+    return str(jax.make_jaxpr(lambda w, d, a: project(
+        w, d, ls, prev_alpha=a, tol=tol, max_iter=3))(w, w, jnp.ones(())))
+
+  assert "while" not in jaxpr(None)
+  assert "while" in jaxpr(1e-6)
+
+
+def test_laq_with_fixed_rounds_has_no_while_loop_and_stays_on_the_set():
+  params = {"kernel": jax.random.normal(jax.random.key(0), (16, 8)) * 0.1}
+  opt = blaq_jax.laq(0.01, bits=2, tol=None, max_iter=2)
+  state = opt.init(params)
+  params = blaq_jax.quantized_params(params, state)
+  loss = lambda p: jnp.sum((p["kernel"] - 0.05) ** 2)  # noqa: E731
+  text = str(jax.make_jaxpr(opt.update)(jax.grad(loss)(params), state,
+                                        params))
+  assert "while" not in text
+  for _ in range(5):
+    updates, state = opt.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  blaq_jax.check_on_level_set(params, state)
+
+
+def test_one_round_forms_both_sums_in_one_pass():
+  """A per-tensor round reads w and d once: about 8 bytes per entry."""
+  ls = LevelSet("blaq", 2)
+  w = jnp.ones((1024, 1024))
+  compiled = jax.jit(lambda w, d, a: project(
+      w, d, ls, prev_alpha=a, tol=None, max_iter=1)[0]).lower(
+          w, w, jnp.ones(())).compile()
+  per_entry = compiled.cost_analysis()["bytes accessed"] / w.size
+  assert per_entry < 9.0, per_entry
+
+
+def test_fused_sums_are_accurate_on_millions_of_entries():
+  rng = np.random.default_rng(6)
+  x = rng.normal(1.0, 1.0, size=(2048, 2048)).astype(np.float32)
+  got = fused_sums([jnp.asarray(x), jnp.asarray(x) ** 2], (0, 1))
+  ref = [np.sum(x, dtype=np.float64), np.sum(x.astype(np.float64) ** 2)]
+  np.testing.assert_allclose([float(g) for g in got], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,bits", SETS)
+def test_gaussian_scale_minimises_the_error_of_a_normal_sample(kind, bits):
+  ls = LevelSet(kind, bits)
+  x = np.random.default_rng(7).normal(size=200_000)
+  values = ls.values.astype(np.float64)
+
+  def err(c):
+    return np.mean((x - c * np_nearest(x / c, values)) ** 2)
+
+  c = gaussian_scale(ls)
+  assert err(c) <= min(err(0.95 * c), err(1.05 * c))
+
+
+def test_extrapolate_stays_within_a_factor_two():
+  np.testing.assert_allclose(extrapolate(jnp.array([0.5, 1.0, 1.0]),
+                                         jnp.array([0.4, 3.0, 0.1])),
+                             [0.6, 0.5, 1.9], rtol=1e-6)
+
+
+def test_fixed_rounds_need_a_static_positive_round_count():
+  with pytest.raises(ValueError, match="number of rounds"):
+    project(jnp.ones(4), jnp.ones(4), LevelSet("blaq", 2), tol=None,
+            max_iter=0)
+
+
+def test_fixed_rounds_refuse_a_traced_round_count():
+  with pytest.raises(ValueError, match="static int"):
+    project(jnp.ones(4), jnp.ones(4), LevelSet("blaq", 2), tol=None,
+            max_iter=jnp.array(2))
+
+
+def test_negative_tol_is_refused():
+  with pytest.raises(ValueError, match="tol must be None"):
+    project(jnp.ones(4), jnp.ones(4), LevelSet("blaq", 2), tol=-1.0)
