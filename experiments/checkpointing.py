@@ -128,7 +128,8 @@ def verify_digests(step_dir) -> Optional[str]:
   record = step_dir / DIGESTS
   if not record.is_file():
     return (f"it has no {DIGESTS} record ({record}): its save did not "
-            "complete (interrupted), so it is treated as incomplete")
+            "complete (interrupted), so it is treated as incomplete (a "
+            "checkpoint written before records were kept has none either)")
   for line in record.read_text().splitlines():
     digest, sep, name = line.partition("  ")
     if not sep or len(digest) != 64:
@@ -439,7 +440,7 @@ def check_workdir_config(workdir: str, config, *,
 
 
 def write_config(workdir: str, config) -> None:
-  """Writes ``config.json`` for a new run, or an extended run's ``num_epochs``."""
+  """Writes ``config.json`` of a new run, or an extended run's num_epochs."""
   path = pathlib.Path(workdir) / "config.json"
   saved = json.loads(path.read_text()) if path.exists() else None
   if saved is None:

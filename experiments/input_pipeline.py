@@ -90,11 +90,11 @@ def make_mesh(config) -> jax.sharding.Mesh:
   n = len(devices)
   if config.batch_size % n:
     raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the {n} "
+        f"--config.batch_size={config.batch_size} is not divisible by the {n} "
         f"devices of the data-parallel mesh; choose a batch size that is a "
         f"multiple of {n} (or set --config.num_devices).")
   if config.batch_size % jax.process_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not "
+    raise ValueError(f"--config.batch_size={config.batch_size} is not "
                      f"divisible by the {jax.process_count()} processes.")
   return jax.sharding.Mesh(np.asarray(devices), ("data",))
 

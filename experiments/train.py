@@ -211,8 +211,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,
   """
   name = config.method
   if name not in methods.METHODS:
-    raise ConfigError(f"Unknown config.method {name!r}; choose one of "
-                      f"{list(METHODS)} (--config.method).")
+    raise ConfigError(f"--config.method={name!r} is not a method; choose "
+                      f"one of {list(METHODS)}.")
   lr = learning_rate_schedule(config, steps_per_epoch)
   if name == "fp":
     return methods.create(name, lr)
@@ -366,12 +366,15 @@ class Setup:
   def __init__(self, config, workdir: Optional[str] = None):
     self.config = config
     self.workdir = workdir
-    self.mesh = input_pipeline.make_mesh(config)
+    try:
+      self.mesh = input_pipeline.make_mesh(config)
+    except ValueError as e:  # batch or device count: the config's fault
+      raise ConfigError(str(e)) from e
     self.replicated = NamedSharding(self.mesh, P())
     self.splits, self.info = input_pipeline.load_data(config)
     if config.loss not in losses_lib.LOSSES:
-      raise ConfigError(f"Unknown config.loss {config.loss!r}; choose one "
-                        f"of {sorted(losses_lib.LOSSES)} (--config.loss).")
+      raise ConfigError(f"--config.loss={config.loss!r} is not a loss; "
+                        f"choose one of {sorted(losses_lib.LOSSES)}.")
     self.loss = losses_lib.LOSSES[config.loss]
     self.local_batch = config.batch_size // jax.process_count()
     x, y = self.splits["train"]
@@ -690,5 +693,5 @@ def evaluate_workdir(workdir: str, config,
 
 
 if __name__ == "__main__":
-  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
-  main_lib.run()
+  from experiments import main as cli  # pylint: disable=g-import-not-at-top
+  cli.run()

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from experiments import checkpointing
+from experiments import metrics as metrics_lib
 from experiments import train as train_lib
 from experiments.configs import quick
 
@@ -146,7 +147,7 @@ def test_eval_falls_back_without_moving_anything(shared_data_dir, run_copy,
   assert "Using the checkpoint of epoch 1 instead." in err
   assert step2.is_dir() and not (run_copy /
                                  checkpointing.DAMAGED_DIR).exists()
-  epochs = train_lib.read_jsonl(run_copy / "metrics" / "epochs.jsonl")
+  epochs = metrics_lib.read_jsonl(run_copy / "metrics" / "epochs.jsonl")
   assert older["test_accuracy"] == epochs[0]["test_accuracy"]
   assert good["test_accuracy"] == epochs[1]["test_accuracy"]
 
