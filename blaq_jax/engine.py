@@ -75,15 +75,13 @@ class Layout:
   It lets ``update`` name the leaf whose structure, shape or dtype changed.
   """
 
-  who: str
   paths: tuple
   shapes: tuple
   level_sets: tuple
 
 
 jax.tree_util.register_dataclass(
-    Layout, data_fields=[], meta_fields=["who", "paths", "shapes",
-                                         "level_sets"])
+    Layout, data_fields=[], meta_fields=["paths", "shapes", "level_sets"])
 
 
 class DiagnosticsState(NamedTuple):
@@ -325,7 +323,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     selection.check_float_leaves(params, who)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     sets = tuple(level_sets(params, quantize))
-    return Layout(who, tuple(selection.path_str(p) for p, _ in flat),
+    return Layout(tuple(selection.path_str(p) for p, _ in flat),
                   tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
                         for _, x in flat), sets)
 

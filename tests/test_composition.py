@@ -163,7 +163,7 @@ def test_dtypes_are_kept(dtype):
   new = optax.apply_updates(params, u)
   chex.assert_trees_all_equal_dtypes(u, params)
   chex.assert_trees_all_equal_dtypes(new, params)
-  chex.assert_trees_all_equal_dtypes(state.mu, params)
+  chex.assert_trees_all_equal_dtypes(optax.tree.get(state, "mu"), params)
   qt = blaq_jax.quantized_tensors(state)["dense"]["kernel"]
   np.testing.assert_allclose(new["dense"]["kernel"].astype(jnp.float32),
                              qt.dequantize(dtype).astype(jnp.float32),
@@ -244,12 +244,12 @@ def test_state_follows_params_sharding():
   params = jax.device_put(params, shardings)
   for opt in (blaq_jax.blaq(0.01), optax.adam(0.01)):
     state = opt.init(params)
-    if isinstance(state, blaq_jax.LossAwareState):
+    if isinstance(state, blaq_jax.QuantizedLatentState):
       assert state.latent["dense"]["kernel"].sharding.is_equivalent_to(
           shardings["dense"]["kernel"], 2)
       codes = blaq_jax.codes(state)["dense"]["kernel"]
       assert codes.sharding.is_equivalent_to(shardings["dense"]["kernel"], 2)
-      mu = state.mu
+      mu = optax.tree.get(state, "mu")
     else:
       mu = state[0].mu
     assert mu["dense"]["kernel"].sharding.is_equivalent_to(
