@@ -276,10 +276,35 @@ def check_unit_interval(name, value):
     raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
 
 
-def _describe(x):
-  if isinstance(x, optax.MaskedNode):
-    return "full precision"
-  return str(x)
+def check_active(active):
+  """Raises ValueError unless ``active`` is a period >= 1 or a callable."""
+  if isinstance(active, (bool, np.bool_)) or not (
+      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
+      or (isinstance(active, (int, np.integer)) and active >= 1)):
+    raise ValueError(
+        "active must be a positive int period (1 = every step) or a callable "
+        f"step -> bool, got {active!r}.")
+
+
+def is_active(active, count):
+  """Whether a method's optional stage runs at step ``count``: True, False,
+  or a traced bool (then the method selects with ``lax.cond``)."""
+  if callable(active):
+    on = active(count)
+    return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
+        on, jnp.bool_)
+  if isinstance(active, (int, np.integer)) and active == 1:
+    return True
+  return count % active == 0
+
+
+def select(on, if_on: Callable, if_off: Callable, x):
+  """``if_on(x)`` or ``if_off(x)`` for an :func:`is_active` value: a Python
+  bool picks at trace time, a traced one with ``lax.cond`` (only the branch
+  taken runs)."""
+  if on is True or on is False:
+    return if_on(x) if on else if_off(x)
+  return jax.lax.cond(on, if_on, if_off, x)
 
 
 def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,

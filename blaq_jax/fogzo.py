@@ -100,14 +100,6 @@ class FOGZOState(NamedTuple):
   grad_cosine: jax.Array
 
 
-def _check_unit_interval(name, value):
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  v = np.asarray(value)
-  if v.shape != () or not 0.0 <= float(v) <= 1.0:
-    raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
-
-
 def _check_static_int(name, value, low):
   if isinstance(value, (jax.Array, jax.core.Tracer)):
     raise TypeError(
@@ -166,7 +158,7 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
   quantizers.check_surrogate(noise, where="noise")
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-  _check_unit_interval("beta", beta)
+  engine.check_unit_interval("beta", beta)
   w, treedef = jax.tree.flatten(latent)
   w = [x.astype(jnp.float32) for x in w]
   g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(ste_grad)]
@@ -239,16 +231,6 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
                      1.0)
     return 1.0 - (1.0 - jnp.asarray(beta_min, jnp.float32)) * frac
 
-  def is_active(count):
-    """True, False, or a traced bool (then the step uses lax.cond)."""
-    if callable(active):
-      on = active(count)
-      return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
-          on, jnp.bool_)
-    if isinstance(active, (int, np.integer)) and active == 1:
-      return True
-    return count % active == 0
-
   def init():
     z = jnp.zeros([], jnp.float32)
     return FOGZOState(key=jax.random.PRNGKey(seed),
@@ -272,13 +254,8 @@ def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
     def plain(_):
       return list(grads), jnp.zeros([], jnp.float32)
 
-    on = is_active(count)
-    if on is True:
-      est, fd = zo(None)
-    elif on is False:
-      est, fd = plain(None)
-    else:
-      est, fd = jax.lax.cond(on, zo, plain, None)
+    on = engine.is_active(active, count)
+    est, fd = engine.select(on, zo, plain, None)
     return est, FOGZOState(key=key, active=jnp.asarray(on, jnp.bool_),
                            beta=b, finite_difference=fd,
                            grad_cosine=cosine(est, grads)), (
@@ -296,8 +273,8 @@ def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
     directions_batch = _check_static_int("directions_batch",
                                          directions_batch, 1)
   if beta is not None:
-    _check_unit_interval("beta", beta)
-  _check_unit_interval("beta_min", beta_min)
+    engine.check_unit_interval("beta", beta)
+  engine.check_unit_interval("beta_min", beta_min)
   if not isinstance(beta_decay_steps, (jax.Array, jax.core.Tracer)):
     _check_static_int("beta_decay_steps", beta_decay_steps, 0)
   if norm not in NORMS:
@@ -306,12 +283,7 @@ def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
       np.ndim(eps_scale) == 0 and float(eps_scale) > 0):
     raise ValueError(f"eps_scale must be a positive scalar, got "
                      f"{eps_scale!r}.")
-  if isinstance(active, (bool, np.bool_)) or not (
-      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
-      or (isinstance(active, (int, np.integer)) and active >= 1)):
-    raise ValueError(
-        "active must be a positive int period (1 = every step) or a callable "
-        f"step -> bool, got {active!r}.")
+  engine.check_active(active)
   if isinstance(seed, (bool, np.bool_)) or not isinstance(
       seed, (int, np.integer, jax.Array)):
     raise TypeError(f"seed must be an int, got {seed!r}.")

@@ -96,24 +96,6 @@ def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
   return jax.tree.map(lambda v: (eps + jnp.sqrt(v / bc)) / lr, nu)
 
 
-def _is_active(active, count):
-  """True, False, or a traced bool (then the step uses lax.cond)."""
-  if isinstance(active, (int, np.integer)):
-    return True if active == 1 else count % active == 0
-  on = active(count)
-  return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
-      on, jnp.bool_)
-
-
-def _check_active(active):
-  if isinstance(active, (bool, np.bool_)) or not (
-      callable(active) or (isinstance(active, (int, np.integer))
-                           and active >= 1)):
-    raise ValueError(
-        "active must be a positive int period (1 = every step) or a callable "
-        f"step -> bool, got {active!r}.")
-
-
 def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           blend="moments", moments="real", opaque=True, keep_trial=False):
   """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ."""
@@ -233,12 +215,6 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return w, d_bar, new_moments, kept, finite, trial_stats(
           True, q_star, g, g_star)
 
-    def gated(active_fn, g):
-      on = _is_active(active, ctx.count)
-      if on is True or on is False:
-        return active_fn(g) if on else laq_step(g)
-      return jax.lax.cond(on, active_fn, laq_step, g)
-
     def result(out, gradients, commit=True):
       w, weight, (mu, nu), trial_state, finite, stats = out
       return engine.Step(
@@ -248,11 +224,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
 
     if not trial:
       return result(laq_step(ctx.grads), 1)
-    active_now = _is_active(active, ctx.count)
+    on = engine.is_active(active, ctx.count)
     if opaque:
-      grads_used = (2 if active_now is True else 1 if active_now is False
-                    else 1 + jnp.asarray(active_now, jnp.int32))
-      return result(gated(algorithm_1, ctx.grads), grads_used)
+      return result(engine.select(on, algorithm_1, laq_step, ctx.grads),
+                    1 + jnp.asarray(on, jnp.int32))
 
     # Transparent mode: an active step takes two calls. The first moves the
     # params to the trial point q*; the second brings g* and backtracks.
@@ -284,13 +259,9 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     def laq_commit(g):
       return laq_step(g) + (jnp.ones([], jnp.bool_),)
 
-    def first(g):
-      on = _is_active(active, ctx.count)
-      if on is True or on is False:
-        return start(g) if on else laq_commit(g)
-      return jax.lax.cond(on, start, laq_commit, g)
-
-    out = jax.lax.cond(state.trial.pending, complete, first, ctx.grads)
+    out = jax.lax.cond(
+        state.trial.pending, complete,
+        lambda g: engine.select(on, start, laq_commit, g), ctx.grads)
     return result(out[:-1], 1, commit=out[-1])
 
   return engine.Rule(init, step, _project, ())
@@ -480,7 +451,7 @@ def blaq(
   sets = _level_sets(level_set, bits)
   _check_adam(b1, b2)
   engine.check_unit_interval("a", a)
-  _check_active(active)
+  engine.check_active(active)
   if blend not in BLENDS:
     raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
   if moments not in ("real", "blended"):
