@@ -352,8 +352,8 @@ def fogzo(
       averages the finite differences over the data-parallel axis.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose rule state is a
-    :class:`blaq_jax.ste.STEState` with a :class:`FOGZOState` estimator.
+    An ``optax.GradientTransformationExtraArgs`` whose rule state is an
+    ``STEState`` with a ``FOGZOState`` estimator.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, blaq_jax
@@ -400,8 +400,9 @@ def n_spsa(
   the number of weights over ``n``.
 
   Args:
-    learning_rate, n, eps_scale, seed, directions_batch, **options: as in
+    learning_rate, n, eps_scale, seed, directions_batch: as in
       :func:`fogzo`.
+    \*\*options: as in :func:`fogzo`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

@@ -135,8 +135,10 @@ def step_cost(opt_state) -> StepCost:
 
 
 def init_diagnostics() -> Diagnostics:
-  z = jnp.zeros([], jnp.float32)
-  return Diagnostics(z, z, jnp.zeros([], jnp.bool_), z, z)
+  # One array per field: a training loop that donates the state must not
+  # find one buffer in two places.
+  z = lambda: jnp.zeros([], jnp.float32)  # noqa: E731
+  return Diagnostics(z(), z(), jnp.zeros([], jnp.bool_), z(), z())
 
 
 def dot(x, y):

@@ -99,7 +99,7 @@ class Summary:
 
   @property
   def ratio(self) -> float:
-    """Compression of the whole model: float32 bytes / packed bytes."""
+    """Compression of the whole model, float32 bytes over packed bytes."""
     return _ratio(self.float32_bytes, self.packed_bytes)
 
   @property

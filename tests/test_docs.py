@@ -17,20 +17,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # the warning). Delete an entry once its docstring is fixed: the build is
 # then clean with -W. Any other warning fails the test.
 KNOWN_WARNINGS = (
-    # fogzo.py:431, "**options" in an Args entry (escape it: \\*\\*options).
-    ("blaq_jax.fogzo.n_spsa", "Inline strong start-string"),
-    # fogzo.py:384, blaq_jax.ste.STEState and FOGZOState are not documented.
-    ("blaq_jax.fogzo.fogzo", "reference target not found: "
-     "blaq_jax.ste.STEState"),
-    ("blaq_jax.fogzo.fogzo", "reference target not found: FOGZOState"),
-    # nnx_utils.py:54, "*args, **kwargs:" as one Args entry.
-    ("blaq_jax.nnx_utils.nnx_loss_fn", "Inline strong start-string"),
-    # summary.py:102, napoleon reads "Compression of the whole model:" of a
-    # property docstring as its type.
-    ("blaq_jax.summary.Summary.ratio",
-     "reference target not found: Compression"),
-    ("blaq_jax.summary.Summary.ratio",
-     "reference target not found: the whole model"),
 )
 
 _PROBLEM = re.compile(r"(^|: )(WARNING|ERROR|SEVERE|CRITICAL): ")
