@@ -187,3 +187,18 @@ def test_engine_options_are_in_every_signature():
       blaq_jax.binary_connect).parameters
   with pytest.raises(TypeError, match="unexpected keyword.*chanel_axis"):
     blaq_jax.laq(0.1, chanel_axis=-1)
+
+
+@pytest.mark.parametrize("name", ["blaq", "ste"])
+def test_state_can_be_donated_with_diagnostics_on(name):
+  # Every state leaf is its own buffer: a step that donates the state runs.
+  opt = {"blaq": blaq_jax.blaq, "ste": blaq_jax.ste}[name](
+      0.05, diagnostics=True)
+  params, state = start(opt)
+  step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p,
+                                         grad_fn=jax.grad(loss)),
+                 donate_argnums=(1,))
+  for _ in range(2):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert int(state.count) == 2
