@@ -89,6 +89,27 @@ def dequantize(alpha, codes, level_set: LevelSet, channel_axis=None,
   return (a * beta).astype(dtype)
 
 
+def dequantize_latent(w, alpha, level_set: LevelSet, channel_axis=None,
+                      dtype=jnp.float32):
+  """``q = alpha * nearest_Q(w / alpha)`` without forming codes.
+
+  Equal, bit for bit, to ``dequantize(alpha, codes)`` with the codes
+  :func:`project` returns for ``w`` and ``alpha``: a step can emit
+  ``q - params`` from the latent weights and the scale in the same pass,
+  and codes can be derived on demand (``level_set.codes(w / alpha)``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from blaq_jax.levels import LevelSet
+    >>> w = jnp.array([0.3, -0.1, 0.2, -0.4])
+    >>> dequantize_latent(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
+    [0.3400000035762787, -0.17000000178813934, 0.17000000178813934, -0.3400000035762787]
+  """
+  w = jnp.asarray(w, jnp.float32)
+  a = _expand(jnp.asarray(alpha, jnp.float32), w.ndim, channel_axis)
+  return (a * level_set.nearest(w / a)).astype(dtype)
+
+
 def extrapolate(alpha, alpha_before):
   """A start for the next projection from the last two scales.
 

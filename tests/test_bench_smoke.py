@@ -12,31 +12,50 @@ from experiments.bench import train_step
 from experiments.bench import update_cost
 
 
-def test_update_cost_main_tiny(capsys):
-  rows = update_cost.main(["--params", "tiny", "--bits", "1",
-                           "--repeats", "2", "--methods", "adam,blaq active"])
+def test_update_cost_main_quick(capsys):
+  rows = update_cost.main(["--quick", "--bits", "1,2", "--methods",
+                           "adam,laq"])
   out = capsys.readouterr().out
-  assert "| method |" in out and "measured bandwidth" in out
+  assert "| method |" in out and "machine:" in out
   names = [(r["method"], r["bits"]) for r in rows]
-  assert names[0] == ("adam", "-")
-  assert names[1:] == [("blaq active", 1)]
-  adam = rows[0]
+  assert names == [("adam", "-"), ("laq", 1), ("laq +diag", 1), ("laq", 2),
+                   ("laq +diag", 2), ("laq R=2", 2)]
+  by = {(r["method"], r["bits"]): r for r in rows}
+  adam = by["adam", "-"]
   assert adam["ratio"] == 1.0
   # Adam's single-pass traffic: reads p, g, mu, nu; writes p, mu, nu
   # (the count is a few bytes over the whole tree).
   assert 28 <= adam["bytes_per_param"] < 28.5
+  # The converge-to-tol projection is a while loop; fixed rounds are not.
+  assert by["laq", 2]["loops"] >= 1 and by["laq", 2]["loop_kernels"] >= 1
+  assert by["laq R=2", 2]["loops"] == 0 and by["laq", 1]["loops"] == 0
+  # Diagnostics add state (the last update) and work to the step.
+  assert by["laq +diag", 1]["bytes_per_param"] > by["laq", 1][
+      "bytes_per_param"]
+  assert by["laq +diag", 1]["kernels"] > by["laq", 1]["kernels"]
   for r in rows:
     assert r["ms"] > 0 and math.isfinite(r["ratio"]) and r["gbs"] > 0
+    assert r["hlo_bytes_per_param"] > 0 and r["kernels"] > 0
+
+
+def test_update_cost_profile_without_timing(capsys):
+  rows = update_cost.main(["--quick", "--no-timing", "--bits", "2",
+                           "--methods", "bc"])
+  assert "no timing" in capsys.readouterr().out
+  assert [r["method"] for r in rows] == ["bc", "bc +diag"]
+  for r in rows:
+    assert math.isnan(r["ms"]) and r["kernels"] > 0 and r["loops"] == 0
 
 
 def test_memory_main_tiny(capsys):
   rows = memory.main(["--params", "tiny", "--bits", "1",
-                      "--methods", "adam,laq,laq (no diag)"])
+                      "--methods", "adam,laq,laq +diag"])
   assert "| method |" in capsys.readouterr().out
   by = {r["method"]: r for r in rows}
-  # Adam holds two moments; LAQ also the latent copy, codes and prev update.
+  # Adam holds two moments; LAQ also the latent copy and codes, and with
+  # diagnostics the last update.
   assert by["adam"]["state_per_param"] >= 8
-  assert by["laq"]["state_bytes"] > by["laq (no diag)"]["state_bytes"] > (
+  assert by["laq +diag"]["state_bytes"] > by["laq"]["state_bytes"] > (
       by["adam"]["state_bytes"])
   for r in rows:
     assert r["step_peak"] > 0 and r["update_peak"] > 0

@@ -13,8 +13,8 @@ import pytest
 
 import blaq_jax
 from blaq_jax.levels import LevelSet, gaussian_scale
-from blaq_jax.projection import (dequantize, extrapolate, fused_sums,
-                                 initial_scale, project)
+from blaq_jax.projection import (dequantize, dequantize_latent, extrapolate,
+                                 fused_sums, initial_scale, project)
 
 SETS = [("blaq", 2), ("blaq", 3), ("linear", 2), ("linear", 3), ("log", 3)]
 
@@ -223,3 +223,13 @@ def test_fixed_rounds_refuse_a_traced_round_count():
 def test_negative_tol_is_refused():
   with pytest.raises(ValueError, match="tol must be None"):
     project(jnp.ones(4), jnp.ones(4), LevelSet("blaq", 2), tol=-1.0)
+
+
+@pytest.mark.parametrize("kind,bits", SETS + [("blaq", 1), ("linear", 4)])
+def test_dequantize_latent_equals_dequantized_codes_bit_for_bit(kind, bits):
+  w, d = problem(8, shape=(50, 6))
+  ls = LevelSet(kind, bits)
+  alpha, codes = project(w, d, ls, channel_axis=-1, tol=None, max_iter=2)
+  np.testing.assert_array_equal(
+      dequantize_latent(w, alpha, ls, channel_axis=-1),
+      dequantize(alpha, codes, ls, channel_axis=-1))

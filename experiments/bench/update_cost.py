@@ -1,42 +1,59 @@
-"""Time of one jitted optimizer update, as a ratio to ``optax.adam``'s.
+"""Cost of one jitted optimizer update, as a ratio to ``optax.adam``'s.
 
 Each method's step is ``update`` + ``optax.apply_updates`` in one jitted
-function whose params and optimizer state are donated (updated in place, as
-in a training loop); the gradient is a fixed random tree. BLAQ's active step
-gets ``grad_fn = lambda p: g2`` with a precomputed second gradient ``g2``,
-and FOGZO a ``loss_fn`` reading one small leaf, so the trial gradient and
-the forward passes are excluded: what is timed is the optimizer's own work.
-The methods run in interleaved rounds (see
-:func:`experiments.bench.common.time_interleaved`) and the table reports
-medians and ratios from the same run.
+function whose params and optimizer state are donated and carried from call
+to call (updated in place, as in a training loop); the gradient is a fixed
+random tree. BLAQ's active step gets ``grad_fn = lambda p: g2`` with a
+precomputed second gradient ``g2``, so the trial gradient's forward and
+backward passes are excluded: what is timed is the optimizer's own work.
+After a warm-up the methods run in interleaved rounds (see
+:func:`experiments.bench.common.time_interleaved`) in one process with Adam,
+and the table reports medians and ratios from the same run.
 
-*bytes/param* is the traffic of a single pass: every byte of the step's
-inputs (params, gradients, state) read once and every byte of its outputs
-written once, per parameter. *GB/s* is that traffic over the median time,
-and *% of bw* compares it with the measured bandwidth of a jitted
-``a x + y`` on large arrays, i.e. how close the step is to the memory-bound
-limit of one fused pass. *kernels* and *temp B/param* come from the
-compiled step (:func:`compiled_profile`): how many passes XLA makes and how
-many bytes per parameter of intermediates it writes between them, which is
-where a step slower than its one-pass traffic loses its time.
+Methods (per bit width): ``laq``, ``blaq active``, ``bc`` (BinaryConnect;
+at ``k >= 2`` bits its linear grid of scale 1) and ``ste`` (sign, or the
+BLAQ level set with the ``"fit"`` scale), each with the default
+``diagnostics=False`` and again with ``+diag`` (``diagnostics=True``). At
+``k >= 2`` bits the rows ``... R=r`` use the fixed-round projection
+(``tol=None, max_iter=r``, ``--rounds``) instead of the converge-to-``tol``
+loop.
+
+Columns that do not depend on the machine's load come from the compiled
+step (:func:`compiled_profile`):
+
+* *HLO B/param*: XLA's cost analysis of the compiled step, bytes accessed
+  per parameter (a ``while`` body counts once, whatever its trip count);
+* *kernels*: the kernels (fusions, reductions, copies, custom calls) the
+  entry computation runs; *loop kernels*: those inside ``while`` bodies, run
+  once per round of the k-bit projection;
+* *temp B/param*: scratch memory for intermediates written between kernels.
+
+*pass B/param* is the floor of a single pass: every byte of the step's
+inputs (params, gradients, state) read once and every output byte written
+once. Timed columns (*ms*, *x adam*, *GB/s*, *% of bw* against a jitted
+``a x + y``) are only meaningful on a quiet machine; ``--no-timing`` prints
+the compiled profile alone.
 
 Usage::
 
   python -m experiments.bench.update_cost --params both --bits 1,2
+  python -m experiments.bench.update_cost --no-timing  # load-independent
+  python -m experiments.bench.update_cost --quick      # small shapes
 
 Example:
   >>> import contextlib, io
   >>> from experiments.bench.update_cost import main
   >>> with contextlib.redirect_stdout(io.StringIO()):  # the printed table
-  ...   rows = main(["--params", "tiny", "--bits", "1", "--repeats", "2",
-  ...                "--methods", "adam,laq", "--no-bandwidth"])
-  >>> [r["method"] for r in rows]
-  ['adam', 'laq']
+  ...   rows = main(["--quick", "--no-timing", "--bits", "1", "--methods",
+  ...                "adam,laq"])
+  >>> [(r["method"], r["kernels"] > 0) for r in rows]
+  [('adam', True), ('laq', True), ('laq +diag', True)]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -46,154 +63,209 @@ import jax.numpy as jnp
 import optax
 
 import blaq_jax
+from blaq_jax.selection import default_quantize
 from experiments.bench import common
 
 LR = 1e-3
-# A boolean schedule that is false on every step a benchmark reaches, traced
-# (so BLAQ compiles both branches and selects LAQ's with lax.cond).
-INACTIVE = blaq_jax.every_n_steps(2 ** 30, offset=2 ** 29)
+DEFAULT_METHODS = ("adam", "laq", "blaq active", "bc", "ste")
 
 
-def _quant_kwargs(bits: int) -> Dict[str, Any]:
-  """STE-family quantizer at ``bits``: sign, or the BLAQ level set."""
+def _ste_kwargs(bits: int) -> Dict[str, Any]:
+  """STE quantizer at ``bits``: sign, or the BLAQ level set."""
   if bits == 1:
     return dict(quantizer="sign")
   return dict(quantizer="uniform", bits=bits, level_set="blaq")
 
 
-def method_specs(bits: int) -> Dict[str, Callable[[], Any]]:
+def method_specs(bits: int, rounds: Optional[int] = None
+                 ) -> Dict[str, tuple]:
   """name -> (transform factory, kind of extra arguments) at ``bits``.
 
-  Kinds: ``"none"``, ``"grad_fn"`` (trial gradient = the second gradient
-  tree), ``"grad_fn_unused"`` (the same, on steps that do not call it, so
-  its bytes are not counted), ``"loss_fn"`` (a cheap loss of one small
-  leaf).
+  Kinds: ``"none"`` or ``"grad_fn"`` (the trial gradient is the second
+  gradient tree). Every quantizing method also appears as ``name +diag``
+  (``diagnostics=True``), and at ``bits >= 2`` with ``rounds`` as
+  ``name R=rounds`` (``tol=None, max_iter=rounds``).
   """
-  specs = {
-      "adam": (lambda: optax.adam(LR), "none"),
-      "laq": (lambda: blaq_jax.laq(LR, bits=bits), "none"),
-      "laq (no diag)": (lambda: blaq_jax.laq(LR, bits=bits,
-                                             diagnostics=False), "none"),
-      "blaq inactive": (lambda: blaq_jax.blaq(LR, bits=bits,
-                                              active=INACTIVE), "grad_fn_unused"),
-      "blaq active": (lambda: blaq_jax.blaq(LR, bits=bits), "grad_fn"),
-      "blaq active (no diag)": (lambda: blaq_jax.blaq(
-          LR, bits=bits, diagnostics=False), "grad_fn"),
+  def bc_quantize(path, leaf):
+    return bits if default_quantize(path, leaf) else 0
+
+  base = {
+      "laq": (lambda **kw: blaq_jax.laq(LR, bits=bits, **kw), "none"),
+      "blaq active": (lambda **kw: blaq_jax.blaq(LR, bits=bits, **kw),
+                      "grad_fn"),
+      "bc": (lambda **kw: blaq_jax.binary_connect(
+          LR, quantize=bc_quantize, **kw), "none"),
+      "ste": (lambda **kw: blaq_jax.ste(LR, **_ste_kwargs(bits), **kw),
+              "none"),
   }
-  registry = getattr(blaq_jax, "methods", None)
-  registry = getattr(registry, "METHODS", {})
-  if "ste" in registry:
-    specs["ste"] = (lambda: registry["ste"](LR, **_quant_kwargs(bits)),
-                    "none")
-  if "fogzo" in registry:
-    specs["fogzo"] = (lambda: registry["fogzo"](LR, **_quant_kwargs(bits)),
-                      "loss_fn")
+  specs = {"adam": (lambda: optax.adam(LR), "none")}
+  for name, (make, kind) in base.items():
+    specs[name] = (make, kind)
+    specs[f"{name} +diag"] = (
+        lambda make=make: make(diagnostics=True), kind)
+    if bits >= 2 and rounds and name != "bc":  # bc's scale is fixed
+      specs[f"{name} R={rounds}"] = (
+          lambda make=make: make(tol=None, max_iter=rounds), kind)
   return specs
 
 
-def _smallest_leaf_loss(params):
-  leaves = jax.tree.leaves(params)
-  k = min(range(len(leaves)), key=lambda i: leaves[i].size)
+def _selected(name: str, methods: Optional[Sequence[str]]) -> bool:
+  """A method is selected by its name or by its base name (before a space
+  and ``+diag``/``R=``)."""
+  if methods is None:
+    methods = DEFAULT_METHODS
+  base = re.sub(r" (\+diag|R=\d+)$", "", name)
+  return name in methods or base in methods
 
-  def loss(p):
-    return jnp.sum(jax.tree.leaves(p)[k]).astype(jnp.float32)
-  return loss
 
-
-def make_runner(opt, kind: str, params, grads, grads2):
-  """A runner doing one donated ``update + apply_updates``, and its traffic.
-
-  Returns ``(runner, bytes_moved)`` where ``bytes_moved`` counts each input
-  byte read once and each output byte written once.
-  """
-  loss = _smallest_leaf_loss(params)
-
+def make_step(opt, kind: str):
+  """The jitted, donated ``update + apply_updates`` of one method."""
   def step(params, state, grads, grads2):
-    extra = {}
-    if kind in ("grad_fn", "grad_fn_unused"):
-      extra["grad_fn"] = lambda p: grads2
-    elif kind == "loss_fn":
-      extra["loss_fn"] = loss
+    extra = {"grad_fn": lambda p: grads2} if kind == "grad_fn" else {}
     updates, state = opt.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1)), step
 
-  fn = jax.jit(step, donate_argnums=(0, 1))
-  box = {"params": jax.tree.map(jnp.copy, params)}
-  box["state"] = opt.init(box["params"])
-  reads = (common.tree_bytes(box["params"]) + common.tree_bytes(box["state"])
+
+def make_runner(opt, kind: str, params, grads, grads2, *, timing=True):
+  """A runner doing one donated step (None without timing), the one-pass
+  traffic in bytes, and the compiled profile.
+
+  Without ``timing`` nothing is allocated: the step is compiled from
+  shapes.
+  """
+  fn, step = make_step(opt, kind)
+  shapes = jax.eval_shape(opt.init, params)
+  reads = (common.tree_bytes(params) + common.tree_bytes(shapes)
            + common.tree_bytes(grads)
            + (common.tree_bytes(grads2) if kind == "grad_fn" else 0))
-  out_shapes = jax.eval_shape(step, box["params"], box["state"], grads,
-                              grads2)
-  writes = common.tree_bytes(out_shapes)
+  writes = common.tree_bytes(jax.eval_shape(step, params, shapes, grads,
+                                            grads2))
+  as_shape = lambda t: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), t)
+  compiled = fn.lower(as_shape(params), shapes, as_shape(grads),
+                      as_shape(grads2)).compile()
+  if not timing:
+    return None, reads + writes, compiled_profile(compiled)
+  box = {"params": jax.tree.map(jnp.copy, params)}
+  # Copies: init may return one buffer at two leaves, and donating a buffer
+  # twice is refused.
+  box["state"] = jax.tree.map(jnp.copy, opt.init(box["params"]))
 
   def runner():
-    box["params"], box["state"] = fn(box["params"], box["state"], grads,
-                                     grads2)
+    box["params"], box["state"] = compiled(box["params"], box["state"],
+                                           grads, grads2)
     return box["params"]
 
-  compiled = fn.lower(box["params"], box["state"], grads, grads2).compile()
   return runner, reads + writes, compiled_profile(compiled)
 
 
-def compiled_profile(compiled) -> Dict[str, float]:
-  """Why a step is slower than one pass: kernels and temporaries.
+# HLO ops that launch no kernel of their own.
+_FREE_OPS = frozenset([
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast",
+    "while", "conditional", "call", "after-all", "opt-barrier",
+    "partition-id", "replica-id"])
+_OP = re.compile(r" ([a-z][a-z0-9\-]*)\(")
 
-  ``kernels``: fusions (and other kernels) XLA runs in the step's entry
-  computation, each a pass over its operands; ``temp_bytes``: the scratch
-  memory XLA allocates for intermediates written out between them.
+
+def _computations(text: str) -> Dict[str, List[str]]:
+  """HLO module text -> computation name -> instruction lines ("ENTRY" too)."""
+  comps, name = {}, None
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name = "ENTRY" if head.group(1) else head.group(2)
+      comps[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None and " = " in line:
+      comps[name].append(line)
+  return comps
+
+
+def _op(line: str) -> str:
+  m = _OP.search(line[line.index(" = "):])
+  return m.group(1) if m else ""
+
+
+def compiled_profile(compiled) -> Dict[str, float]:
+  """Kernels, bytes accessed and temporaries of a compiled step.
+
+  ``kernels``: instructions of the entry computation that run as kernels
+  (fusions, reductions, copies, custom calls...; not parameters, tuples,
+  bitcasts or control flow); ``loop_kernels``: the same inside the bodies
+  and conditions of its ``while`` loops (run once per iteration);
+  ``loops``: the number of ``while`` loops; ``bytes``: XLA's cost-analysis
+  bytes accessed; ``temp_bytes``: scratch memory for intermediates.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> c = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(8)).compile()
-    >>> compiled_profile(c)["kernels"] >= 1
-    True
+    >>> p = compiled_profile(c)
+    >>> p["kernels"] >= 1, p["loops"], p["bytes"] >= 64
+    (True, 0, True)
   """
-  text = compiled.as_text()
-  entry = text[text.index("ENTRY"):]
-  kernels = sum(1 for line in entry.splitlines()
-                if re.search(r"= \S+ (fusion|custom-call|reduce|sort)\(",
-                             line))
+  comps = _computations(compiled.as_text())
+  entry = comps["ENTRY"]
+  kernels = sum(1 for line in entry if _op(line) not in _FREE_OPS)
+  loops, loop_kernels = 0, 0
+  for line in entry:
+    if _op(line) != "while":
+      continue
+    loops += 1
+    for key in ("condition", "body"):
+      m = re.search(key + r"=%?([\w.\-]+)", line)
+      if m and m.group(1) in comps:
+        loop_kernels += sum(1 for x in comps[m.group(1)]
+                            if _op(x) not in _FREE_OPS)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
   mem = compiled.memory_analysis()
-  temp = float(getattr(mem, "temp_size_in_bytes", 0)) if mem else 0.0
-  return dict(kernels=kernels, temp_bytes=temp)
+  return dict(kernels=kernels, loop_kernels=loop_kernels, loops=loops,
+              bytes=float((cost or {}).get("bytes accessed", 0.0)),
+              temp_bytes=float(getattr(mem, "temp_size_in_bytes", 0) or 0)
+              if mem else 0.0)
 
 
 def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
             methods: Optional[Sequence[str]] = None,
-            bandwidth: Optional[float] = None) -> List[Dict[str, Any]]:
+            bandwidth: Optional[float] = None, rounds: Optional[int] = 2,
+            timing: bool = True) -> List[Dict[str, Any]]:
   """Rows of the table for one parameter set (all bit widths together)."""
   params = common.PARAM_SETS[params_name]()
   grads = common.gradient_like(params, seed=1)
   grads2 = common.gradient_like(params, seed=2)
   n = common.num_params(params)
   runners, traffic, labels, profile = {}, {}, {}, {}
-  adam_done = False
   for bits in bits_list:
-    for name, (factory, kind) in method_specs(bits).items():
-      if methods is not None and name not in methods:
+    for name, (factory, kind) in method_specs(bits, rounds).items():
+      if not _selected(name, methods):
         continue
-      if name == "adam":
-        if adam_done:
-          continue
-        adam_done = True
       key = name if name == "adam" else f"{name} @{bits}"
+      if key in runners:
+        continue
       runners[key], traffic[key], profile[key] = make_runner(
-          factory(), kind, params, grads, grads2)
+          factory(), kind, params, grads, grads2, timing=timing)
       labels[key] = (name, "-" if name == "adam" else bits)
-  samples = common.time_interleaved(runners, repeats=repeats, warmup=3)
-  base = "adam" if "adam" in samples else next(iter(samples))
-  ratio = common.ratios(samples, base)
+  nan = float("nan")
+  if timing:
+    samples = common.time_interleaved(runners, repeats=repeats, warmup=3)
+    base = "adam" if "adam" in samples else next(iter(samples))
+    ratio = common.ratios(samples, base)
   rows = []
   for key in runners:
-    t = common.median(samples[key])
-    gbs = traffic[key] / t / 1e9
+    t = common.median(samples[key]) if timing else nan
+    gbs = traffic[key] / t / 1e9 if timing else nan
+    prof = profile[key]
     rows.append(dict(
         params=params_name, method=labels[key][0], bits=labels[key][1],
-        ms=t * 1e3, ratio=ratio[key], bytes_per_param=traffic[key] / n,
-        gbs=gbs, frac_bw=(gbs / bandwidth if bandwidth else float("nan")),
-        kernels=profile[key]["kernels"],
-        temp_per_param=profile[key]["temp_bytes"] / n))
+        ms=t * 1e3, ratio=ratio[key] if timing else nan,
+        bytes_per_param=traffic[key] / n,
+        hlo_bytes_per_param=prof["bytes"] / n, gbs=gbs,
+        frac_bw=(gbs / bandwidth if bandwidth and timing else nan),
+        kernels=prof["kernels"], loop_kernels=prof["loop_kernels"],
+        loops=prof["loops"], temp_per_param=prof["temp_bytes"] / n))
   return rows
 
 
@@ -206,19 +278,33 @@ def _parser():
   p.add_argument("--repeats", type=int, default=20,
                  help="interleaved rounds (median over them)")
   p.add_argument("--methods", default=None,
-                 help="comma-separated subset of the method names")
+                 help="comma-separated method names (a base name selects "
+                 "its +diag and R= rows too); default: "
+                 + ",".join(DEFAULT_METHODS))
+  p.add_argument("--rounds", type=int, default=2,
+                 help="rounds of the fixed-round k-bit projection rows "
+                 "(0: no such rows)")
   p.add_argument("--no-bandwidth", action="store_true",
                  help="skip the memory-bandwidth probe")
+  p.add_argument("--no-timing", action="store_true",
+                 help="compile and profile only (load-independent columns)")
+  p.add_argument("--quick", action="store_true",
+                 help="tiny shapes, 2 rounds, no bandwidth probe (smoke)")
+  p.add_argument("--out", default="",
+                 help="also write the rows as JSON to this file")
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   args = _parser().parse_args(argv)
+  if args.quick:
+    args.params, args.repeats, args.no_bandwidth = "tiny", 2, True
+  timing = not args.no_timing
   bits_list = [int(b) for b in args.bits.split(",") if b]
   names = ["resnet18", "mlp"] if args.params == "both" else [args.params]
   methods = args.methods.split(",") if args.methods else None
   bw = None
-  if not args.no_bandwidth:
+  if timing and not args.no_bandwidth:
     probe = common.bandwidth_probe(
         num_elements=2 ** 16 if args.params == "tiny" else 32 * 2 ** 20)
     bw = probe["axpy"]
@@ -228,17 +314,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   rows = []
   for name in names:
     r = measure(name, bits_list, repeats=args.repeats, methods=methods,
-                bandwidth=bw)
+                bandwidth=bw, rounds=args.rounds, timing=timing)
     n = common.num_params(common.PARAM_SETS[name]())
-    print(f"\n{name}: {n:,} params, median of {args.repeats} interleaved "
-          "rounds")
+    print(f"\n{name}: {n:,} params" + (
+        f", median of {args.repeats} interleaved rounds" if timing else
+        ", compiled profile only (no timing)"))
     print(common.markdown_table(
-        ["method", "bits", "ms", "x adam", "bytes/param", "GB/s",
-         "% of bw", "kernels", "temp B/param"],
+        ["method", "bits", "ms", "x adam", "pass B/param", "HLO B/param",
+         "GB/s", "% of bw", "kernels", "loop kernels", "temp B/param"],
         [[x["method"], x["bits"], x["ms"], x["ratio"], x["bytes_per_param"],
-          x["gbs"], 100 * x["frac_bw"], x["kernels"], x["temp_per_param"]]
+          x["hlo_bytes_per_param"], x["gbs"], 100 * x["frac_bw"],
+          x["kernels"], x["loop_kernels"], x["temp_per_param"]]
          for x in r]))
     rows += r
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(command="python -m experiments.bench.update_cost " +
+                     " ".join(argv if argv is not None else sys.argv[1:]),
+                     machine=common.machine(), rows=rows), f, indent=1)
   sys.stdout.flush()
   return rows
 
