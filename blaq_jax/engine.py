@@ -153,50 +153,39 @@ class Step(NamedTuple):
   trial: Optional[dict] = None
 
 
-@dataclasses.dataclass
-class Context:
+class Context(NamedTuple):
   """What the engine gives a rule's ``step`` (one ``update`` call).
 
   Attributes:
     count: the state's step count.
     grads: float32 gradients of every leaf (after ``preprocess``).
     latent: float32 latent weights (params at full-precision leaves).
-    quantized: :class:`QuantizedTensor` per leaf (None at full-precision).
+    quantized: :class:`QuantizedTensor` per leaf (None at full precision).
+    is_quantized: bool per leaf.
     params: the params given to ``update``.
     extra_args: ``update``'s extra keyword arguments.
     diagnostics: whether the diagnostics are on.
     last_stats: the :class:`~blaq_jax.state.Diagnostics` of the last step
       (None when the diagnostics are off).
+    project: ``(latent list, weight list or None) -> list`` of
+      :class:`QuantizedTensor` (None at full-precision leaves).
+    params_at: ``quantized list -> params`` tree at those quantized leaves.
+    gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``
+      averaged over ``batch_axis_name`` and preprocessed like the main one.
   """
 
   count: jax.Array
   grads: list
   latent: list
   quantized: list
+  is_quantized: list
   params: Any
   extra_args: dict
   diagnostics: bool
   last_stats: Any
-  _project: Callable
-  _params_at: Callable
-  _gradient: Callable
-
-  @property
-  def is_quantized(self) -> list:
-    return [q is not None for q in self.quantized]
-
-  def project(self, latent: Sequence, weight: Optional[Sequence]) -> list:
-    """Projects the latent weights of quantized leaves (None elsewhere)."""
-    return self._project(latent, weight)
-
-  def params_at(self, quantized: Sequence):
-    """The params tree with quantized leaves at ``quantized``."""
-    return self._params_at(quantized)
-
-  def gradient(self, params):
-    """``grad_fn(params)``, averaged over ``batch_axis_name`` and
-    preprocessed like the main gradient: ``(float32 list, all finite)``."""
-    return self._gradient(params)
+  project: Callable
+  params_at: Callable
+  gradient: Callable
 
 
 class Rule(NamedTuple):
@@ -227,12 +216,13 @@ def with_options(**overrides):
 
   The factory takes its own arguments and ``**options``; its signature (what
   ``inspect``, ``optax.inject_hyperparams`` and the docs see) lists both, so
-  the options are written once, here. ``overrides`` change a default (None
-  removes an option from the signature: ``bc`` has no ``channel_axis``).
+  the options are written once, here. ``overrides`` change a default, add
+  an option, or (value ``DROP``) remove one: ``bc`` has no
+  ``channel_axis``.
   """
   defaults = dict(OPTIONS)
   for k, v in overrides.items():
-    if v is _DROP:
+    if v is DROP:
       defaults.pop(k)
     else:
       defaults[k] = v
@@ -263,8 +253,7 @@ def with_options(**overrides):
   return wrap
 
 
-_DROP = object()
-DROP = _DROP
+DROP = object()
 
 
 def check_unit_interval(name, value):
@@ -466,8 +455,8 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       out = [x.astype(jnp.float32) for x in treedef.flatten_up_to(out)]
       return out, all_finite(out)
 
-    ctx = Context(state.count, g, latent, q_or_none, params, extra_args,
-                  diagnostics,
+    ctx = Context(state.count, g, latent, q_or_none, [bool(x) for x in sets],
+                  params, extra_args, diagnostics,
                   state.diagnostics.stats if diagnostics else None,
                   project, params_at, gradient)
     step = rule.step(ctx, state.rule)
