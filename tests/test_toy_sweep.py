@@ -130,3 +130,27 @@ def test_fig1_rows_at_newton_and_zigzag_steps(tmp_path):
   assert zig["laq"]["turning_points"] > 10 * zig["blaq"]["turning_points"]
   assert "above Theorem 2's threshold" in zig["caption"]
   assert (tmp_path / "fig1.png").stat().st_size > 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "blaq_jax/loss_aware.py backtrack() calls curvature_fn at q_t for D*; "
+    "Algorithm 1 line 22 (and blaq_jax at 244f571) takes D* at the trial "
+    "point q*. Remove this mark when the engine is fixed."))
+def test_blaq_takes_the_trial_curvature_at_the_trial_point():
+  # One weight, f = |w - 0.1|^(3/2), 1 bit (q = w exactly), b1 = 0, s = 1/4,
+  # a = 0.6, from w0 = 0.5. By hand, with d = |w - 0.1|:
+  #   g = 1.5 sqrt(d) sign(w - 0.1), H = 0.75 / sqrt(d), D = H / s.
+  #   q0 = 0.5: g0 = 1.5 sqrt(0.4), D0 = 4 * 0.75 / sqrt(0.4);
+  #   w* = 0.5 - s g0 / H0 = 0.5 - 0.25 * 2 * 0.4 = 0.3 = q*:
+  #   g* = 1.5 sqrt(0.2), D* = 4 * 0.75 / sqrt(0.2);
+  #   w1 = w0 - (a g0 + (1 - a) g*) / (a D0 + (1 - a) D*).
+  g0, gs = 1.5 * np.sqrt(0.4), 1.5 * np.sqrt(0.2)
+  d0, ds = 3.0 / np.sqrt(0.4), 3.0 / np.sqrt(0.2)
+  w1 = 0.5 - (0.6 * g0 + 0.4 * gs) / (0.6 * d0 + 0.4 * ds)  # 0.348528
+  toy = toy_sweep.Toy(
+      "kink", lambda w: jnp.sum(jnp.abs(w - 0.1) ** 1.5),
+      lambda w: 0.75 / jnp.sqrt(jnp.maximum(jnp.abs(w - 0.1), 1e-12)),
+      np.asarray([0.5], np.float32))
+  lat, _, _ = toy_sweep.toy_trajectories(toy, "moments", 1, 0.0, [0.25],
+                                         [0.6], steps=1)
+  assert lat[0, 0, 1, 0] == pytest.approx(w1, rel=1e-5)
