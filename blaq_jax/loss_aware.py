@@ -177,9 +177,9 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
                              cosine([g[i] for i in ix],
                                     [g_star[i] for i in ix])))
 
-    def backtrack(g, g_star, mu, nu, m_hat, den):
+    def backtrack(g, g_star, mu, nu, m_hat, den, trial_params):
       """Lines 21-24 of Algorithm 1 (the real step of quantized leaves)."""
-      mu_s, nu_s, m_hat_s, den_s = adam(g_star, mu, nu, t2, ctx.params)
+      mu_s, nu_s, m_hat_s, den_s = adam(g_star, mu, nu, t2, trial_params)
       direction = {  # line 21, in the three readings (BLENDS)
           "moments": lambda i: a_t * m_hat[i] + (1 - a_t) * m_hat_s[i],
           "lookahead": lambda i: a_t * m_hat[i] + (1 - a_t) * g_star[i],
@@ -207,8 +207,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     def algorithm_1(g):
       """One active step of BLAQ, opaque mode (the appendix's numbering)."""
       mu, nu, m_hat, den, w_star, q_star = trial_point(g)  # 1-16
-      g_star, finite = ctx.gradient(ctx.params_at(q_star))  # 17-20
-      w, d_bar, new_moments = backtrack(g, g_star, mu, nu, m_hat, den)  # 21-24
+      trial_params = ctx.params_at(q_star)
+      g_star, finite = ctx.gradient(trial_params)  # 17-20
+      w, d_bar, new_moments = backtrack(  # 21-24
+          g, g_star, mu, nu, m_hat, den, trial_params)
       kept = state.trial._replace(
           trial_latent=q_tree(w_star, keep_trial),
           trial_grad=q_tree(g_star, keep_trial))
@@ -246,7 +248,8 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       m_hat = optax.tree.bias_correction(mu0, b1, t)
       den = [eps + jnp.sqrt(v)
              for v in optax.tree.bias_correction(nu0, b2, t)]
-      w, d_bar, new_moments = backtrack(g, g_star, mu0, nu0, m_hat, den)
+      w, d_bar, new_moments = backtrack(  # the params are at q* now
+          g, g_star, mu0, nu0, m_hat, den, ctx.params)
       stats = None
       if ctx.diagnostics:  # the trial statistics of the first call
         stats = dict(trial_active=jnp.ones([], jnp.bool_),

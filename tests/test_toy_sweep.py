@@ -132,10 +132,6 @@ def test_fig1_rows_at_newton_and_zigzag_steps(tmp_path):
   assert (tmp_path / "fig1.png").stat().st_size > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "blaq_jax/loss_aware.py backtrack() calls curvature_fn at q_t for D*; "
-    "Algorithm 1 line 22 (and blaq_jax at 244f571) takes D* at the trial "
-    "point q*. Remove this mark when the engine is fixed."))
 def test_blaq_takes_the_trial_curvature_at_the_trial_point():
   # One weight, f = |w - 0.1|^(3/2), 1 bit (q = w exactly), b1 = 0, s = 1/4,
   # a = 0.6, from w0 = 0.5. By hand, with d = |w - 0.1|:
