@@ -3,9 +3,9 @@ r"""Ablation: one config, several variants of its fields, the same seeds.
 Each variant is a name and config overrides; every ``(variant, seed)`` is
 trained by :func:`experiments.compare.run_all` in ``WORKDIR/<variant>/``
 (finished runs are reused, interrupted ones resumed). The table
-(``WORKDIR/ablation.md``, also printed) has per variant the mean ± spread
-(half the range) over seeds of the final and best test accuracy and the
-final training loss, and the zig-zag signals averaged over the second half of
+(``WORKDIR/ablation.md``, also printed) has per variant the mean ± sample
+standard deviation (n) over seeds of the final test accuracy, the test
+accuracy at the best-validation epoch and the final training loss, and the zig-zag signals averaged over the second half of
 training: the fraction of quantized weights that flip per step and the cosine
 between successive latent updates.
 
@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from experiments import compare as compare_lib
+from experiments import stats
 
 
 def _value(text: str) -> Any:
@@ -80,20 +81,22 @@ def run(config, variants: Sequence[Tuple[str, Dict[str, Any]]],
                                str(pathlib.Path(workdir) / name))[method]
 
     def stat(values, scale=1.0, digits=2):
-      return compare_lib.format_stat(compare_lib.mean_spread(values), scale,
-                                     digits)
+      return stats.format_summary(
+          stats.summarize([v for v in values if v is not None]), scale, digits)
 
     s = [r["summary"] for r in runs]
     rows.append(
         f"| {name} | {stat([x['final_test_accuracy'] for x in s], 100)} | "
-        f"{stat([x['best_test_accuracy'] for x in s], 100)} | "
+        f"{stat([compare_lib.test_at_best_validation(r['epochs']) for r in runs], 100)} | "
         f"{stat([x['final_train_loss'] for x in s], 1, 4)} | "
         f"{stat([_second_half_mean(r['steps'], 'flip_fraction') for r in runs], 100, 3)} | "
         f"{stat([_second_half_mean(r['steps'], 'update_cosine') for r in runs], 1, 3)} |")
   text = "\n".join([
-      f"Mean ± spread (half the range) over seeds {list(seeds)}; zig-zag "
+      f"Mean ± sample standard deviation (n seeds) over seeds {list(seeds)}; "
+      "test accuracy also at the epoch of best validation accuracy; zig-zag "
       "signals averaged over the second half of the logged steps.", "",
-      "| variant | final test acc (%) | best test acc (%) | final train loss "
+      "| variant | final test acc (%) | test acc at best val (%) | final "
+      "train loss "
       "| flips per step (% of weights) | update cosine |",
       "|---|---|---|---|---|---|", *rows])
   (pathlib.Path(workdir) / "ablation.md").write_text(text + "\n")

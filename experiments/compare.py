@@ -45,25 +45,6 @@ from experiments import stats
 from experiments import train as train_lib
 
 
-def mean_spread(values: Sequence[float]):
-  """``(mean, half the range)`` of the non-None values (``(None, None)``).
-
-  Kept for :mod:`experiments.ablation`; tables of this module use
-  :func:`experiments.stats.summarize` (sample standard deviation, n).
-  """
-  values = np.asarray([v for v in values if v is not None], float)
-  if not values.size:
-    return None, None
-  return float(values.mean()), float((values.max() - values.min()) / 2)
-
-
-def format_stat(stat, scale: float = 1.0, digits: int = 2) -> str:
-  """``"mean ± spread"`` of a :func:`mean_spread` pair, scaled."""
-  mean, spread = stat
-  if mean is None:
-    return "not reached"
-  return f"{scale * mean:.{digits}f} ± {scale * spread:.{digits}f}"
-
 
 def time_to_target(epochs: List[Mapping], target: float,
                    key: str = "test_accuracy"):
@@ -96,7 +77,8 @@ def resolve_targets(config=None, targets=None) -> List[float]:
   return []
 
 
-def _test_at_best_validation(epochs: List[Mapping]):
+def test_at_best_validation(epochs: List[Mapping]):
+  """Test accuracy at the best-validation epoch (None without validation)."""
   try:
     return stats.select_by_validation(epochs)["test_accuracy"]
   except ValueError:  # no validation split
@@ -157,7 +139,7 @@ def results_table(runs: Mapping[str, List[Mapping]],
     return stats.format_summary(
         stats.summarize([v for v in values if v is not None]), scale, digits)
 
-  has_val = any(_test_at_best_validation(r["epochs"]) is not None
+  has_val = any(test_at_best_validation(r["epochs"]) is not None
                 for rs in runs.values() for r in rs)
   head = ["method", "final test acc (%)",
           "test acc at best val epoch (%)"]
@@ -183,14 +165,14 @@ def results_table(runs: Mapping[str, List[Mapping]],
   for method, rs in runs.items():
     cells = [method,
              summ([r["summary"].get("final_test_accuracy") for r in rs], 100),
-             summ([_test_at_best_validation(r["epochs"]) for r in rs], 100)
+             summ([test_at_best_validation(r["epochs"]) for r in rs], 100)
              if has_val else "n/a (no validation split)"]
     if len(methods) > 1:
       cells.append("" if method == first else _paired(
           rs, runs[first], lambda r: r["summary"].get("final_test_accuracy")))
       if has_val:
         cells.append("" if method == first else _paired(
-            rs, runs[first], lambda r: _test_at_best_validation(r["epochs"])))
+            rs, runs[first], lambda r: test_at_best_validation(r["epochs"])))
     for t in targets:
       hits = [stats.first_reaching(r["epochs"], t) for r in rs]
       cells.append(stats.format_reach(hits))
