@@ -71,6 +71,7 @@ import blaq_jax
 from experiments import data as data_lib
 from experiments import losses as losses_lib
 from experiments import models as models_lib
+from experiments import zigzag
 
 METHODS = ("laq", "blaq_moments", "blaq_lookahead", "blaq_gradients")
 READINGS = ("moments", "lookahead", "gradients")
@@ -375,12 +376,16 @@ def train_cell(cell: Cell, settings: Settings, splits, *,
           "validation_accuracy", "test_loss", "test_accuracy")
   hist = {k: [[] for _ in seeds] for k in keys}
   step_loss = [[] for _ in seeds]
+  traces: Dict[str, List[np.ndarray]] = {}
   t0 = time.time()
   for epoch in range(settings.epochs):
     order = np.stack([data_order(s, epoch, n, settings.batch_size)
                       for s in seeds])
     state, metrics = runner.run_epoch(state, x, y, jnp.asarray(order), lr)
     metrics = jax.device_get(metrics)
+    for k, v in metrics.items():  # what runner.record adds: [seeds, steps..]
+      if k not in ("loss", "accuracy"):
+        traces.setdefault(k, []).append(np.asarray(v))
     evals = {}
     for split in ("validation", "test"):
       loss, acc = jax.device_get(runner.evaluate(state, *splits[split]))
@@ -403,7 +408,9 @@ def train_cell(cell: Cell, settings: Settings, splits, *,
                    f", x{settings.decay:g} after"),
       metrics=hist, step_train_loss=step_loss, wall_s=time.time() - t0,
       command=" ".join(shlex.quote(a) for a in sys.argv),
-      git_commit=_git_commit(), jax_version=jax.__version__, complete=True)
+      git_commit=_git_commit(), jax_version=jax.__version__, complete=True,
+      **({"traces": {k: np.concatenate(v, axis=1) for k, v in traces.items()}}
+         if traces else {}))
 
 
 def write_json(path: pathlib.Path, record: Mapping[str, Any]) -> None:
@@ -467,9 +474,432 @@ def _commit(path: pathlib.Path) -> None:
     time.sleep(3)
   subprocess.run(["git", "add", rel], cwd=repo, check=False)
   subprocess.run(["git", "commit", "-q", "-m",
-                  f"Results: regime map cell {path.stem} (raw per-seed "
-                  "per-epoch metrics)", "--", rel], cwd=repo, check=False)
+                  f"Results: {path.parent.name}/{path.name} (raw per-seed "
+                  "per-epoch metrics of one cell)", "--", rel], cwd=repo, check=False)
 
+
+
+# ---------------------------------------------------- LeNet5 zig-zag --
+
+LENET5_RESULTS = RESULTS.parent / "lenet5_fmnist"
+
+
+def tracked_entries(settings: Settings, bits: int, num: int):
+  """A fixed set of quantized weights to trace, the same for every seed."""
+  model = create_model(settings, 0)
+  params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+  rule = models_lib.quantize_rule(settings.model, bits)
+  widths = [int(rule(p, x) or 0) for p, x in
+            jax.tree_util.tree_flatten_with_path(params)[0]]
+  return zigzag.choose_tracked(params, widths, num, seed=0)
+
+
+def zigzag_recorder(tracked):
+  """``record(state, metrics)``: tracked latents and codes, step signals."""
+  def record(state, metrics):
+    del metrics
+    params, opt = state["params"], state["opt_state"]
+    diag = zigzag.step_diagnostics(opt)
+    return dict(
+        latent=zigzag.gather_tracked(zigzag.latent_or_params(params, opt),
+                                     tracked),
+        code=zigzag.gather_tracked(zigzag.codes_or_signs(params, opt),
+                                   tracked),
+        flip_fraction=diag["flip_fraction"],
+        update_cosine=diag["update_cosine"])
+  return record
+
+
+def zigzag_stats(latent, code, steps_per_epoch: int,
+                 first_epoch: int) -> Dict[str, Any]:
+  """Per tracked weight, over epochs ``first_epoch..`` (1-based) of one seed.
+
+  ``latent``, ``code``: ``[steps, K]`` traces (after each step). Sampled
+  per step: oscillation amplitude (half the largest swing between turning
+  points) and flips (code changes) of each weight; sampled per epoch (the
+  value at the end of each epoch, from the end of epoch ``first_epoch - 1``):
+  the same on that coarser trace.
+  """
+  n_epochs = len(latent) // steps_per_epoch
+  if not 1 <= first_epoch <= n_epochs:
+    raise ValueError(f"zigzag_stats: first_epoch must be in [1, {n_epochs}],"
+                     f" got {first_epoch}.")
+  start = (first_epoch - 1) * steps_per_epoch
+  lat, cod = np.asarray(latent)[start:], np.asarray(code)[start:]
+  ends = np.arange(max(first_epoch - 1, 1), n_epochs + 1) * steps_per_epoch - 1
+  e_lat, e_cod = np.asarray(latent)[ends], np.asarray(code)[ends]
+  return dict(
+      window_steps=int(lat.shape[0]),
+      amplitude_step=zigzag.oscillation_amplitudes(lat).tolist(),
+      flips_step=zigzag.flip_counts(cod).tolist(),
+      amplitude_epoch=zigzag.oscillation_amplitudes(e_lat).tolist(),
+      flips_epoch=zigzag.flip_counts(e_cod).tolist())
+
+
+def run_lenet5(settings: Settings, blend: str, bits: int, lr: float, out, *,
+               num_tracked: int, window_first_epoch: int,
+               dataset: str = "fashion_mnist", data_dir=None,
+               log: Callable[[str], None] = print,
+               on_cell_done=None) -> List[pathlib.Path]:
+  """LAQ and BLAQ-``blend`` on LeNet5 with the zig-zag traces (resumable).
+
+  Each method writes ``<cell>.json`` (per-epoch metrics as the grid's, and
+  per seed the zig-zag statistics of every tracked weight over the window,
+  the per-step flip fraction and update cosine) and ``<cell>.npz`` (the
+  traces of the tracked weights).
+  """
+  out = pathlib.Path(out)
+  splits = None
+  tracked = tracked_entries(settings, bits, num_tracked)
+  written = []
+  for method in ("laq", f"blaq_{blend}"):
+    cell = Cell(dataset, bits, float(lr), method)
+    path = cell_path(out, cell)
+    if is_done(path, settings):
+      log(f"{cell.name}: done, skipped")
+      continue
+    if splits is None:
+      splits = load_splits(dataset, settings, data_dir)
+    steps = int(splits["train"][1].shape[0]) // settings.batch_size
+    runner = Runner(method, bits, settings, steps,
+                    record=zigzag_recorder(tracked))
+    record = train_cell(cell, settings, splits, runner=runner, log=log)
+    traces = record.pop("traces")
+    record["tracked"] = [list(t) for t in tracked]
+    record["window_first_epoch"] = window_first_epoch
+    record["zigzag"] = [
+        zigzag_stats(traces["latent"][i], traces["code"][i], steps,
+                     window_first_epoch) for i in range(len(record["seeds"]))]
+    record["flip_fraction"] = traces["flip_fraction"].tolist()
+    record["update_cosine"] = traces["update_cosine"].tolist()
+    npz = path.with_suffix(".npz")
+    np.savez_compressed(npz, latent=traces["latent"].astype(np.float32),
+                        code=traces["code"].astype(np.int8))
+    write_json(path, record)
+    written += [path, npz]
+    if on_cell_done is not None:
+      on_cell_done(path)
+      on_cell_done(npz)
+  return written
+
+
+# --------------------------------------------------------------- report --
+
+def load_cells(out) -> List[Dict[str, Any]]:
+  """The finished cell records under ``out`` (sorted by name)."""
+  records = []
+  for path in sorted(pathlib.Path(out).glob("*.json")):
+    record = json.loads(path.read_text())
+    if record.get("complete"):
+      record["file"] = path.name
+      records.append(record)
+  return records
+
+
+def epoch_records(record: Mapping[str, Any], seed_index: int) -> List[dict]:
+  """Per epoch ``{epoch, step, validation_accuracy, test_accuracy, ...}``."""
+  m = record["metrics"]
+  steps = record["steps_per_epoch"]
+  return [dict(epoch=e + 1, step=(e + 1) * steps,
+               **{k: m[k][seed_index][e] for k in m})
+          for e in range(len(m["test_accuracy"][seed_index]))]
+
+
+def per_seed(record: Mapping[str, Any], fn) -> Dict[int, Any]:
+  return {s: fn(epoch_records(record, i))
+          for i, s in enumerate(record["seeds"])}
+
+
+def selected_test_accuracy(record) -> Dict[int, float]:
+  """Per seed, the test accuracy at the epoch of best validation accuracy."""
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  return per_seed(record, lambda r: stats.select_by_validation(r)[
+      "test_accuracy"])
+
+
+def _index(records):
+  return {(r["dataset"], r["bits"], r["lr"], r["method"]): r for r in records}
+
+
+def accuracy_rows(records) -> List[Dict[str, Any]]:
+  """Per ``(dataset, bits, lr, reading)``: BLAQ minus LAQ, paired by seed."""
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  index, rows = _index(records), []
+  for (dataset, bits, lr, method), blaq in sorted(index.items()):
+    laq = index.get((dataset, bits, lr, "laq"))
+    if method == "laq" or laq is None:
+      continue
+    x, y = selected_test_accuracy(blaq), selected_test_accuracy(laq)
+    seeds, xs, ys = stats.paired_by_seed(x, y)
+    final = lambda r: per_seed(r, lambda e: e[-1]["train_loss"])  # noqa: E731
+    _, lx, ly = stats.paired_by_seed(final(blaq), final(laq))
+    rows.append(dict(
+        dataset=dataset, bits=bits, lr=lr, reading=method.split("_", 1)[1],
+        seeds=seeds, laq=stats.summarize(ys), blaq=stats.summarize(xs),
+        diff=stats.paired_difference(xs, ys),
+        loss_diff=stats.paired_difference(lx, ly),
+        files=(blaq["file"], laq["file"])))
+  return rows
+
+
+def target_rows(records, targets: Mapping[str, float]):
+  """Per cell: epochs (and gradient evaluations) to the dataset's target."""
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  index, rows = _index(records), []
+  for (dataset, bits, lr, method), rec in sorted(index.items()):
+    if dataset not in targets:
+      raise ValueError(f"report: no target for dataset {dataset!r} (cell "
+                       f"{rec['file']}); give --targets {dataset}=<accuracy>.")
+    hits = per_seed(rec, lambda r: stats.first_reaching(
+        r, targets[dataset], key="test_accuracy", x="epoch"))
+    laq = index.get((dataset, bits, lr, "laq"))
+    diff = None
+    if method != "laq" and laq is not None:
+      base = per_seed(laq, lambda r: stats.first_reaching(
+          r, targets[dataset], key="test_accuracy", x="epoch"))
+      both = [s for s in hits if hits[s].reached and base.get(s) and
+              base[s].reached]
+      if len(both) >= 2:
+        diff = stats.paired_difference([hits[s].at for s in both],
+                                       [base[s].at for s in both])
+    evals = [h.at * rec["steps_per_epoch"] * rec["grad_evals_per_step"]
+             for h in hits.values() if h.reached]
+    rows.append(dict(dataset=dataset, bits=bits, lr=lr, method=method,
+                     hits=list(hits.values()), grad_evals=evals, diff=diff,
+                     file=rec["file"]))
+  return rows
+
+
+def _pct(x):
+  return "-" if x is None else f"{100 * x:.2f}"
+
+
+def accuracy_table(rows) -> str:
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  lines = ["| lr | reading | n | LAQ test acc (%) | BLAQ test acc (%) | "
+           "BLAQ - LAQ (points): mean, sd | 95% t-interval | excludes 0 | "
+           "final train loss BLAQ - LAQ [95% CI] |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    d = r["diff"]
+    sign = ("no" if d.low <= 0 <= d.high else
+            ("**BLAQ better**" if d.low > 0 else "**LAQ better**"))
+    lines.append(
+        f"| {r['lr']:g} | {r['reading']} | {d.n} | "
+        f"{stats.format_summary(r['laq'], 100)} | "
+        f"{stats.format_summary(r['blaq'], 100)} | "
+        f"{100 * d.mean:+.2f}, {100 * d.std:.2f} | "
+        f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {sign} | "
+        f"{stats.format_difference(r['loss_diff'], 1, 4)} |")
+  return "\n".join(lines)
+
+
+def target_table(rows, target: float) -> str:
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  lines = [f"| lr | method | epochs to {100 * target:g}% test acc | "
+           "gradient evaluations to it | epochs BLAQ - LAQ (seeds where both "
+           "reach) [95% CI] |", "|---|---|---|---|---|"]
+  for r in rows:
+    evals = (stats.format_summary(stats.summarize(r["grad_evals"]), 1, 0)
+             if r["grad_evals"] else "-")
+    diff = "-" if r["diff"] is None else stats.format_difference(
+        r["diff"], 1, 2)
+    lines.append(f"| {r['lr']:g} | {r['method']} | "
+                 f"{stats.format_reach(r['hits'])} | {evals} | {diff} |")
+  return "\n".join(lines)
+
+
+def heat_map(rows, path) -> None:
+  """Paired difference (points) over learning rate x reading, per panel."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  panels = sorted({(r["dataset"], r["bits"]) for r in rows})
+  lrs = sorted({r["lr"] for r in rows})
+  vmax = max(0.1, max(abs(100 * r["diff"].mean) for r in rows))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8),
+                           squeeze=False)
+  for ax, (dataset, bits) in zip(axes[0], panels):
+    grid_ = np.full((len(lrs), len(READINGS)), np.nan)
+    for r in rows:
+      if (r["dataset"], r["bits"]) != (dataset, bits):
+        continue
+      i, j = lrs.index(r["lr"]), READINGS.index(r["reading"])
+      d = r["diff"]
+      grid_[i, j] = 100 * d.mean
+      tell = not d.low <= 0 <= d.high
+      ax.text(j, i, f"{100 * d.mean:+.2f}\n[{100 * d.low:+.2f},\n"
+              f"{100 * d.high:+.2f}]", ha="center", va="center", fontsize=8,
+              fontweight="bold" if tell else "normal")
+    im = ax.imshow(grid_, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(READINGS)), READINGS)
+    ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+    ax.set_xlabel("reading (blend)")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{dataset}, {bits} bit")
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
+               label="BLAQ - LAQ test acc (points)")
+  fig.suptitle("Paired difference at the validation-selected epoch "
+               "(mean, 95% t-interval; bold: excludes 0)", fontsize=9)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def report(out, targets: Mapping[str, float], *, summary=None,
+           command: str = "") -> str:
+  """Writes ``regime_map.png`` and ``summary.md`` under ``out``."""
+  out = pathlib.Path(out)
+  records = load_cells(out)
+  if not records:
+    raise ValueError(f"report: no finished cell (*.json) under {out}.")
+  rows = accuracy_rows(records)
+  trows = target_rows(records, targets)
+  settings = records[0]["settings"]
+  png = out / "regime_map.png"
+  if rows:
+    heat_map(rows, png)
+  cmds = sorted({r["command"] for r in records})
+  commits = sorted({r["git_commit"] for r in records})
+  parts = [
+      "# Regime map: BLAQ (m = 1) in each reading against LAQ, paired seeds",
+      "",
+      f"Written by `{command}` from the {len(records)} cell files in this "
+      "folder, which were written by " +
+      ", ".join(f"`{c}`" for c in cmds) + f" (blaq_jax at commit "
+      f"{', '.join(commits)}).",
+      "",
+      f"Settings of every cell: `{json.dumps(settings)}`. Model: the quick "
+      "MLP 784-256-256-256-10 (batch norm, squared hinge), Adam "
+      "(b1 = 0.9, b2 = 0.999); BLAQ with a = 0.6 active on every step. "
+      "Seed s fixes the initialisation and the data order for every "
+      "method. Test accuracy is read at the epoch of best validation "
+      "accuracy of each run (experiments/stats.py); the interval is the 95% "
+      "Student-t interval of the paired difference over seeds.",
+      "", f"![regime map]({png.name})", ""]
+  for dataset, bits in sorted({(r["dataset"], r["bits"]) for r in records}):
+    sel = [r for r in rows if (r["dataset"], r["bits"]) == (dataset, bits)]
+    tsel = [r for r in trows if (r["dataset"], r["bits"]) == (dataset, bits)]
+    parts += [f"## {dataset}, {bits} bit", "",
+              f"Command: `{command}`", ""]
+    if sel:
+      parts += [accuracy_table(sel), ""]
+    parts += [f"Epochs to the target {100 * targets[dataset]:g}% test "
+              "accuracy (fixed before the runs in "
+              "experiments/configs/regime_mlp.py), evaluated once per epoch "
+              f"of {records[0]['steps_per_epoch']} steps; BLAQ takes 2 "
+              "gradient evaluations per step, LAQ 1.", "",
+              target_table(tsel, targets[dataset]), ""]
+  text = "\n".join(parts)
+  path = pathlib.Path(summary) if summary else out / "summary.md"
+  path.write_text(text)
+  return text
+
+
+
+def lenet5_report(out, *, target: float, command: str = "") -> str:
+  """``summary.md`` of the LeNet5 runs: accuracy and zig-zag, paired."""
+  from experiments import stats  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(out)
+  records = {r["method"]: r for r in load_cells(out)}
+  if "laq" not in records or len(records) < 2:
+    raise ValueError(f"lenet5 report: needs LAQ and one BLAQ cell under "
+                     f"{out}, found {sorted(records)}.")
+  laq = records["laq"]
+  blaq_name = next(m for m in records if m != "laq")
+  spe = laq["steps_per_epoch"]
+  first = laq["window_first_epoch"]
+  n_epochs = laq["settings"]["epochs"]
+
+  def seed_values(rec, fn):
+    return {s: fn(rec, i) for i, s in enumerate(rec["seeds"])}
+
+  measures = {
+      "test acc at the validation-selected epoch (%)": lambda r, i: 100 * (
+          stats.select_by_validation(epoch_records(r, i))["test_accuracy"]),
+      "final training loss (last epoch mean)": lambda r, i: r["metrics"][
+          "train_loss"][i][-1],
+      "amplitude per weight, per step, mean": lambda r, i: float(np.mean(
+          r["zigzag"][i]["amplitude_step"])),
+      "amplitude per weight, per step, median": lambda r, i: float(
+          np.median(r["zigzag"][i]["amplitude_step"])),
+      "amplitude per weight, per step, max": lambda r, i: float(np.max(
+          r["zigzag"][i]["amplitude_step"])),
+      "flips per weight in the window, per step, mean": lambda r, i: float(
+          np.mean(r["zigzag"][i]["flips_step"])),
+      "flips per weight in the window, per step, 90th pct": lambda r, i: float(
+          np.percentile(r["zigzag"][i]["flips_step"], 90)),
+      "amplitude per weight, per epoch, mean": lambda r, i: float(np.mean(
+          r["zigzag"][i]["amplitude_epoch"])),
+      "flips per weight, per epoch, mean": lambda r, i: float(np.mean(
+          r["zigzag"][i]["flips_epoch"])),
+      "flip fraction per step (all quantized weights), window mean": (
+          lambda r, i: float(np.mean(r["flip_fraction"][i][(first - 1) *
+                                                           spe:]))),
+      "update cosine per step, window mean": lambda r, i: float(np.mean(
+          r["update_cosine"][i][(first - 1) * spe:])),
+  }
+  lines = [f"| measure | LAQ | BLAQ ({blaq_name}) | BLAQ - LAQ [95% CI] |",
+           "|---|---|---|---|"]
+  for name, fn in measures.items():
+    x, y = seed_values(records[blaq_name], fn), seed_values(laq, fn)
+    _, xs, ys = stats.paired_by_seed(x, y)
+    lines.append(f"| {name} | {stats.format_summary(stats.summarize(ys), 1, 4)}"
+                 f" | {stats.format_summary(stats.summarize(xs), 1, 4)} | "
+                 f"{stats.format_difference(stats.paired_difference(xs, ys), 1, 4)} |")
+  # Distributions over tracked weights, pooled over seeds.
+  dist = ["| method | sampled | amplitude p10 / p50 / p90 / max | flips p10 / "
+          "p50 / p90 / max | weights x seeds |", "|---|---|---|---|---|"]
+  for m in ("laq", blaq_name):
+    for sampled in ("step", "epoch"):
+      amp = np.concatenate([z[f"amplitude_{sampled}"]
+                            for z in records[m]["zigzag"]])
+      flips = np.concatenate([z[f"flips_{sampled}"]
+                              for z in records[m]["zigzag"]])
+      q = lambda v: " / ".join(f"{x:.3g}" for x in (  # noqa: E731
+          *np.percentile(v, [10, 50, 90]), np.max(v)))
+      dist.append(f"| {m} | per {sampled} | {q(amp)} | {q(flips)} | "
+                  f"{amp.size} |")
+  # Flip fraction per epoch (mean over the epoch's steps), mean over seeds.
+  per_epoch = ["| epoch | " + " | ".join(
+      f"{m} flip fraction (mean ± sd over seeds)" for m in ("laq", blaq_name))
+      + " |", "|---|---|---|"]
+  for e in range(n_epochs):
+    cells = []
+    for m in ("laq", blaq_name):
+      v = [float(np.mean(ff[e * spe:(e + 1) * spe]))
+           for ff in records[m]["flip_fraction"]]
+      cells.append(stats.format_summary(stats.summarize(v), 1, 5))
+    per_epoch.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+  hits = {m: per_seed(r, lambda er: stats.first_reaching(er, target))
+          for m, r in records.items()}
+  reach = ["| method | epochs to target |", "|---|---|"] + [
+      f"| {m} | {stats.format_reach(list(h.values()))} |"
+      for m, h in hits.items()]
+  s = laq["settings"]
+  text = "\n".join([
+      "# LeNet5 on Fashion-MNIST: LAQ against BLAQ, paired seeds, zig-zag",
+      "", f"Written by `{command}` from "
+      + ", ".join(f"`{r['file']}`" for r in records.values())
+      + " (and the traces in the `.npz` beside them), which were written by "
+      f"`{laq['command']}` (blaq_jax at commit {laq['git_commit']}).", "",
+      f"Settings: `{json.dumps(s)}`; {spe} steps per epoch; learning rate "
+      f"{laq['lr_schedule']}; BLAQ active on every step (m = 1), a = "
+      f"{s['a']}. Zig-zag window: epochs {first}..{n_epochs} "
+      f"({(n_epochs - first + 1) * spe} steps, all of them active BLAQ "
+      f"steps), {len(laq['tracked'])} tracked quantized weights (the same "
+      "for every seed and method). Amplitude: half the largest swing "
+      "between turning points of a weight's latent trajectory; flips: "
+      "changes of its code; 'per step' samples after every step, 'per "
+      "epoch' at the end of each epoch.", "",
+      f"Command: `{command}`", "",
+      "## Paired per-seed measures", "", *lines, "",
+      "## Distributions over tracked weights (pooled over seeds)", "",
+      *dist, "",
+      "## Flip fraction per epoch (all quantized weights)", "", *per_epoch,
+      "", f"## Epochs to {100 * target:g}% test accuracy (fixed before the "
+      "runs in experiments/configs/regime_lenet5.py)", "", *reach, ""])
+  (out / "summary.md").write_text(text)
+  return text
 
 # ------------------------------------------------------------------ CLI --
 
@@ -513,7 +943,41 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
                       "mnist=0.97,fashion_mnist=0.85")
   q.add_argument("--summary", default=None,
                  help="markdown file (default: <out>/summary.md)")
+  z = sub.add_parser("lenet5", help="LeNet5 LAQ vs BLAQ with zig-zag "
+                     "traces")
+  z.add_argument("--blend", required=True, choices=READINGS)
+  z.add_argument("--dataset", default="fashion_mnist")
+  z.add_argument("--bits", type=int, default=1)
+  z.add_argument("--lr", type=float, default=0.005)
+  z.add_argument("--num_tracked", type=int, default=128)
+  z.add_argument("--window_first_epoch", type=int, default=2)
+  z.add_argument("--out", default=str(LENET5_RESULTS))
+  z.add_argument("--data_dir", default=None)
+  z.add_argument("--commit", action="store_true")
+  for f in dataclasses.fields(Settings):
+    default = dict(model="lenet5", batch_size=128, seeds=5).get(
+        f.name, f.default)
+    z.add_argument(f"--{f.name}", type=type(f.default), default=default)
+  zr = sub.add_parser("lenet5-report", help="summary of the LeNet5 runs")
+  zr.add_argument("--out", default=str(LENET5_RESULTS))
+  zr.add_argument("--target", type=float, required=True,
+                  help="test accuracy target fixed before the runs")
   args = p.parse_args(argv)
+  command = " ".join(shlex.quote(a) for a in ["python", "-m",
+                                               "experiments.regime", *(
+                                                   sys.argv[1:] if argv is None
+                                                   else argv)])
+  log = lambda s: print(time.strftime("%H:%M:%S"), s, flush=True)  # noqa
+  if args.command == "lenet5":
+    settings = Settings(**{f.name: getattr(args, f.name)
+                           for f in dataclasses.fields(Settings)})
+    return run_lenet5(settings, args.blend, args.bits, args.lr, args.out,
+                      num_tracked=args.num_tracked,
+                      window_first_epoch=args.window_first_epoch,
+                      dataset=args.dataset, data_dir=args.data_dir, log=log,
+                      on_cell_done=_commit if args.commit else None)
+  if args.command == "lenet5-report":
+    return lenet5_report(args.out, target=args.target, command=command)
   if args.command == "run":
     settings = Settings(**{f.name: getattr(args, f.name)
                            for f in dataclasses.fields(Settings)})
@@ -523,11 +987,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
                     log=lambda s: print(time.strftime("%H:%M:%S"), s,
                                         flush=True),
                     on_cell_done=_commit if args.commit else None)
-  from experiments import regime_report  # pylint: disable=g-import-not-at-top
-  return regime_report.report(args.out, _targets(args.targets),
-                              summary=args.summary,
-                              command=" ".join(shlex.quote(a)
-                                               for a in sys.argv))
+  return report(args.out, _targets(args.targets), summary=args.summary,
+                command=command)
 
 
 if __name__ == "__main__":

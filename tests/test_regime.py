@@ -123,3 +123,67 @@ def test_run_grid_writes_then_skips_a_finished_cell(tmp_path,
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="unknown method"):
     regime.Cell("mnist", 1, 0.01, "blaq_sideways")
+
+
+def test_zigzag_stats_by_hand():
+  # One weight, 2 epochs of 2 steps. Latent 0, .2, .1, .3: one swing of .1
+  # between the turning points .2 and .1 -> amplitude .05; codes flip twice.
+  latent = np.array([[0.0], [0.2], [0.1], [0.3]])
+  code = np.array([[1.0], [1.0], [0.0], [1.0]])
+  s = regime.zigzag_stats(latent, code, steps_per_epoch=2, first_epoch=1)
+  np.testing.assert_allclose(s["amplitude_step"], [0.05])
+  assert s["flips_step"] == [2] and s["window_steps"] == 4
+  # Per epoch: the ends of epochs 1 and 2 (.2 and .3): no turn, no flip.
+  assert s["amplitude_epoch"] == [0.0] and s["flips_epoch"] == [0]
+  # Window from epoch 2: steps .1, .3 (one flip); its start is the end of
+  # epoch 1.
+  s2 = regime.zigzag_stats(latent, code, steps_per_epoch=2, first_epoch=2)
+  assert s2["flips_step"] == [1] and s2["window_steps"] == 2
+  with pytest.raises(ValueError, match="first_epoch"):
+    regime.zigzag_stats(latent, code, steps_per_epoch=2, first_epoch=3)
+
+
+def _fake_cell(tmp_path, method, val, test, seeds=(0, 1, 2)):
+  cell = regime.Cell("mnist", 1, 0.01, method)
+  n = len(val[0])
+  metrics = dict(validation_accuracy=val, test_accuracy=test,
+                 train_loss=[[1.0] * n for _ in seeds],
+                 train_accuracy=[[0.5] * n for _ in seeds],
+                 validation_loss=[[1.0] * n for _ in seeds],
+                 test_loss=[[1.0] * n for _ in seeds])
+  regime.write_json(regime.cell_path(tmp_path, cell), dict(
+      name=cell.name, dataset="mnist", bits=1, lr=0.01, method=method,
+      seeds=list(seeds), settings={}, steps_per_epoch=10,
+      grad_evals_per_step=1 if method == "laq" else 2, metrics=metrics,
+      command="fake", git_commit="x", complete=True))
+
+
+def test_report_selects_on_validation_and_pairs_by_seed(tmp_path):
+  pytest.importorskip("matplotlib")
+  # Per seed the epoch of best validation accuracy picks the test value:
+  # LAQ 0.90, 0.92, 0.91 (epochs 2, 1, 2); BLAQ 0.93, 0.92, 0.95.
+  _fake_cell(tmp_path, "laq", val=[[.1, .2], [.3, .2], [.1, .5]],
+             test=[[.99, .90], [.92, .99], [.99, .91]])
+  _fake_cell(tmp_path, "blaq_moments", val=[[.2, .1], [.1, .3], [.4, .4]],
+             test=[[.93, .99], [.50, .92], [.95, .50]])
+  rows = regime.accuracy_rows(regime.load_cells(tmp_path))
+  assert len(rows) == 1
+  d = rows[0]["diff"]
+  # Differences .03, .00, .04: mean .02333, sd .02082, t(.975, 2) = 4.3027.
+  half = 4.302653 * 0.0208167 / np.sqrt(3)
+  np.testing.assert_allclose([d.mean, d.std, d.low, d.high],
+                             [0.0233333, 0.0208167, 0.0233333 - half,
+                              0.0233333 + half], rtol=1e-4)
+  # Epochs to 0.92 test accuracy: LAQ seeds reach at 2? no: .99 at epoch 1
+  # for seeds 0 and 2 and .92 at epoch 1 for seed 1 -> all at epoch 1.
+  trows = {r["method"]: r for r in regime.target_rows(
+      regime.load_cells(tmp_path), {"mnist": 0.92})}
+  assert [h.at for h in trows["laq"]["hits"]] == [1, 1, 1]
+  assert [h.reached for h in trows["blaq_moments"]["hits"]] == [
+      True, True, True]
+  assert [h.at for h in trows["blaq_moments"]["hits"]] == [1, 2, 1]
+  assert trows["blaq_moments"]["grad_evals"] == [20, 40, 20]
+  text = regime.report(tmp_path, {"mnist": 0.92}, command="cmd")
+  assert "regime_map.png" in text and (tmp_path / "regime_map.png").exists()
+  with pytest.raises(ValueError, match="no target"):
+    regime.report(tmp_path, {"fashion_mnist": 0.8})
