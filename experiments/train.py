@@ -455,7 +455,10 @@ class Setup:
     return jax.jit(self.eval_step, out_shardings=self.replicated)
 
   def place(self, state):
-    return jax.device_put(state, self.replicated)
+    """The state replicated over the mesh, every leaf in a buffer of its own
+    (the train step donates the state; an init may share one array between
+    two leaves)."""
+    return jax.device_put(state, self.replicated, may_alias=False)
 
   def evaluate(self, state, split: str) -> Dict[str, float]:
     """Loss and accuracy on a whole split (padded last batch masked)."""
