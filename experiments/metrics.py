@@ -5,7 +5,8 @@ A run writes, under its workdir (process 0 only),
 * ``metrics/steps.jsonl``: one record every ``log_every_steps`` (loss,
   accuracy, learning rate, the method's per-step diagnostics),
 * ``metrics/epochs.jsonl``: one record per epoch (means over the epoch's
-  steps, evaluation metrics, gradient and loss evaluations, times),
+  steps, evaluation metrics, gradient and loss evaluations, the steps the
+  method skipped for a non-finite gradient, times),
 * ``tensorboard/`` when a TensorBoard writer (tensorboardX or TensorFlow)
   is installed, ``summary.json`` and ``plots/*.png``.
 
@@ -125,6 +126,9 @@ def epoch_line(r: Mapping[str, Any]) -> str:
     parts.append(f"val acc {100 * r['validation_accuracy']:.2f}%")
   if "test_accuracy" in r:
     parts.append(f"test acc {100 * r['test_accuracy']:.2f}%")
+  if r.get("skipped_steps"):
+    parts.append(f"{r['skipped_steps']} step(s) skipped so far (non-finite "
+                 "gradient)")
   parts.append(f"{r['epoch_time']:.1f}s")
   return ", ".join(parts)
 

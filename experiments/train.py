@@ -302,7 +302,9 @@ def train_step(state, batch, *, graphdef, tx, loss, tracked=()):
   Returns:
     The new state and the step's metrics: ``loss``, ``accuracy``, the
     method's cost (``grad_evals``, ``loss_evals``, from
-    :func:`blaq_jax.step_cost`), its diagnostics and the tracked weights.
+    :func:`blaq_jax.step_cost`), the steps it skipped so far for a
+    non-finite gradient (``skipped_steps``, 0 for a state without the
+    count), its diagnostics and the tracked weights.
   """
   params, rest = state["params"], state["batch_stats"]
   images, labels = batch["image"], batch["label"]
@@ -320,11 +322,13 @@ def train_step(state, batch, *, graphdef, tx, loss, tracked=()):
                                  grad_fn=grad_fn, loss_fn=loss_fn)
   new_params = optax.apply_updates(params, updates)
   cost = blaq_jax.step_cost(opt_state)
+  skipped = optax.tree.get(opt_state, "skipped_steps", default=None)
   metrics = dict(
       loss=value,
       accuracy=losses_lib.accuracy(out, labels),
       grad_evals=jnp.asarray(cost.gradient_evaluations, jnp.int32),
       loss_evals=jnp.asarray(cost.loss_evaluations, jnp.int32),
+      skipped_steps=jnp.asarray(0 if skipped is None else skipped, jnp.int32),
       tracked_latent=zigzag.gather_tracked(
           zigzag.latent_or_params(new_params, opt_state), tracked),
       tracked_quantized=zigzag.gather_tracked(new_params, tracked),
@@ -584,7 +588,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         lr=float(lr_fn(meta["step"] - 1)),
         **metrics_lib.epoch_means(per_step),
         grad_evals=meta["grad_evals"], loss_evals=meta["loss_evals"],
-        **evals, epoch_time=epoch_time, wall_time=meta["wall_time"],
+        skipped_steps=int(per_step[-1]["skipped_steps"]), **evals, epoch_time=epoch_time, wall_time=meta["wall_time"],
         steps_per_second=len(per_step) / train_time)
     writer.write("steps", steps_log, "step")
     writer.write("epochs", [record], "epoch")

@@ -244,6 +244,27 @@ def test_train_step_reads_the_cost_from_the_state(shared_data_dir):
     assert (int(m["grad_evals"]), int(m["loss_evals"])) == want, tx
 
 
+def test_skipped_step_is_counted_and_said(shared_data_dir):
+  # A NaN image makes the gradient NaN: the method skips the step (params
+  # unchanged) and the app logs the count the state keeps.
+  config = tiny_config(shared_data_dir, method="laq", train_size=200,
+                       num_tracked=0)
+  setup = train_lib.Setup(config)
+  state = setup.place(setup.init_state)
+  x, y = setup.splits["train"]
+  images = np.array(x[:100])
+  images[0] = np.nan
+  before = jax.device_get(state["params"])
+  state, m = setup.jit_train_step(state, input_pipeline.global_batch(
+      setup.mesh, {"image": images, "label": y[:100]}))
+  assert int(m["skipped_steps"]) == 1
+  chex.assert_trees_all_equal(jax.device_get(state["params"]), before)
+  line = metrics_lib.epoch_line(dict(epoch=1, train_loss=0.5,
+                                     train_accuracy=0.5, skipped_steps=1,
+                                     epoch_time=1.0))
+  assert "1 step(s) skipped so far (non-finite gradient)" in line
+
+
 @pytest.mark.parametrize("method,bits", [
     ("bc", 1), ("bwn", 1), ("twn", 2), ("ste", 2), ("laq", 2), ("blaq", 1),
     ("fogzo", 1), ("n_spsa", 1)])
