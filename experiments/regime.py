@@ -549,6 +549,7 @@ def run_lenet5(settings: Settings, blend: str, bits: int, lr: float, out, *,
   traces of the tracked weights).
   """
   out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
   splits = None
   tracked = tracked_entries(settings, bits, num_tracked)
   written = []
