@@ -711,39 +711,86 @@ def target_table(rows, target: float) -> str:
 
 
 def heat_map(rows, path) -> None:
-  """Paired difference (points) over learning rate x reading, per panel."""
+  """Paired difference (points) over learning rate x reading.
+
+  One panel per dataset (rows) and bit width (columns).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  panels = sorted({(r["dataset"], r["bits"]) for r in rows})
+  datasets = sorted({r["dataset"] for r in rows})
+  bits = sorted({r["bits"] for r in rows})
   lrs = sorted({r["lr"] for r in rows})
   vmax = max(0.1, max(abs(100 * r["diff"].mean) for r in rows))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8),
-                           squeeze=False)
-  for ax, (dataset, bits) in zip(axes[0], panels):
-    grid_ = np.full((len(lrs), len(READINGS)), np.nan)
-    for r in rows:
-      if (r["dataset"], r["bits"]) != (dataset, bits):
-        continue
-      i, j = lrs.index(r["lr"]), READINGS.index(r["reading"])
-      d = r["diff"]
-      grid_[i, j] = 100 * d.mean
-      tell = not d.low <= 0 <= d.high
-      ax.text(j, i, f"{100 * d.mean:+.2f}\n[{100 * d.low:+.2f},\n"
-              f"{100 * d.high:+.2f}]", ha="center", va="center", fontsize=8,
-              fontweight="bold" if tell else "normal")
-    im = ax.imshow(grid_, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(READINGS)), READINGS)
-    ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
-    ax.set_xlabel("reading (blend)")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"{dataset}, {bits} bit")
-  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8,
-               label="BLAQ - LAQ test acc (points)")
-  fig.suptitle("Paired difference at the validation-selected epoch "
-               "(mean, 95% t-interval; bold: excludes 0)", fontsize=9)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  fig, axes = plt.subplots(len(datasets), len(bits), squeeze=False,
+                           figsize=(4.4 * len(bits), 3.6 * len(datasets)),
+                           constrained_layout=True)
+  for a, dataset in enumerate(datasets):
+    for b, bit in enumerate(bits):
+      ax = axes[a, b]
+      grid_ = np.full((len(lrs), len(READINGS)), np.nan)
+      for r in rows:
+        if (r["dataset"], r["bits"]) != (dataset, bit):
+          continue
+        i, j = lrs.index(r["lr"]), READINGS.index(r["reading"])
+        d = r["diff"]
+        grid_[i, j] = 100 * d.mean
+        tell = not d.low <= 0 <= d.high
+        ax.text(j, i, f"{100 * d.mean:+.2f}\n[{100 * d.low:+.2f}, "
+                f"{100 * d.high:+.2f}]", ha="center", va="center",
+                fontsize=8, fontweight="bold" if tell else "normal",
+                color="white" if abs(100 * d.mean) > 0.6 * vmax else "black")
+      im = ax.imshow(grid_, cmap="RdBu", vmin=-vmax, vmax=vmax,
+                     aspect="auto")
+      ax.set_xticks(range(len(READINGS)), READINGS)
+      ax.set_yticks(range(len(lrs)), [f"{v:g}" for v in lrs])
+      if a == len(datasets) - 1:
+        ax.set_xlabel("reading (blend)")
+      if b == 0:
+        ax.set_ylabel("learning rate")
+      ax.set_title(f"{dataset}, {bit} bit", fontsize=10)
+  fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.7,
+               label="BLAQ - LAQ test accuracy (points)")
+  fig.suptitle("BLAQ - LAQ at the validation-selected epoch, paired seeds: "
+               "mean [95% t-interval]; bold: excludes 0", fontsize=9)
+  fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def module_command(command: str) -> str:
+  """``python -m experiments.regime ...`` for a recorded ``sys.argv``.
+
+  ``python -m`` records the module's file path as ``argv[0]``.
+
+  >>> module_command("/tmp/x/experiments/regime.py run --seeds 8")
+  'python -m experiments.regime run --seeds 8'
+  """
+  head, _, rest = command.partition(" ")
+  if head.endswith("experiments/regime.py"):
+    return f"python -m experiments.regime {rest}".strip()
+  return command
+
+
+def answer_lines(rows) -> List[str]:
+  """Per reading: the cells where the 95% interval excludes 0, each way."""
+  lines = []
+  for reading in READINGS:
+    sel = [r for r in rows if r["reading"] == reading]
+    if not sel:
+      continue
+    better = [r for r in sel if r["diff"].low > 0]
+    worse = [r for r in sel if r["diff"].high < 0]
+    name = lambda r: (f"{r['dataset']} {r['bits']} bit lr {r['lr']:g} "  # noqa
+                      f"({100 * r['diff'].mean:+.2f} "
+                      f"[{100 * r['diff'].low:+.2f}, "
+                      f"{100 * r['diff'].high:+.2f}])")
+    lines.append(
+        f"- **{reading}**: BLAQ better than LAQ (interval above 0) in "
+        f"{len(better)} of {len(sel)} cells"
+        + (": " + "; ".join(name(r) for r in better) if better else "")
+        + f". LAQ better (interval below 0) in {len(worse)}"
+        + (": " + "; ".join(name(r) for r in worse) if worse else "") + ".")
+  return lines
 
 
 def report(out, targets: Mapping[str, float], *, summary=None,
@@ -759,15 +806,15 @@ def report(out, targets: Mapping[str, float], *, summary=None,
   png = out / "regime_map.png"
   if rows:
     heat_map(rows, png)
-  cmds = sorted({r["command"] for r in records})
+  cmds = sorted({module_command(r["command"]) for r in records})
   commits = sorted({r["git_commit"] for r in records})
   parts = [
       "# Regime map: BLAQ (m = 1) in each reading against LAQ, paired seeds",
       "",
       f"Written by `{command}` from the {len(records)} cell files in this "
       "folder, which were written by " +
-      ", ".join(f"`{c}`" for c in cmds) + f" (blaq_jax at commit "
-      f"{', '.join(commits)}).",
+      ", ".join(f"`{c}`" for c in cmds) + f" (run from a `git archive` "
+      f"of commit {', '.join(commits)}, the library included).",
       "",
       f"Settings of every cell: `{json.dumps(settings)}`. Model: the quick "
       "MLP 784-256-256-256-10 (batch norm, squared hinge), Adam "
@@ -776,7 +823,10 @@ def report(out, targets: Mapping[str, float], *, summary=None,
       "method. Test accuracy is read at the epoch of best validation "
       "accuracy of each run (experiments/stats.py); the interval is the 95% "
       "Student-t interval of the paired difference over seeds.",
-      "", f"![regime map]({png.name})", ""]
+      "", "BLAQ takes 2 gradient evaluations per step, LAQ 1: the "
+      "comparison is at equal steps and equal data, not equal compute.",
+      "", f"![regime map]({png.name})", "", "## Answer, per reading", "",
+      *answer_lines(rows), ""]
   for dataset, bits in sorted({(r["dataset"], r["bits"]) for r in records}):
     sel = [r for r in rows if (r["dataset"], r["bits"]) == (dataset, bits)]
     tsel = [r for r in trows if (r["dataset"], r["bits"]) == (dataset, bits)]
@@ -882,7 +932,8 @@ def lenet5_report(out, *, target: float, command: str = "") -> str:
       "", f"Written by `{command}` from "
       + ", ".join(f"`{r['file']}`" for r in records.values())
       + " (and the traces in the `.npz` beside them), which were written by "
-      f"`{laq['command']}` (blaq_jax at commit {laq['git_commit']}).", "",
+      f"`{module_command(laq['command'])}` (run from a `git archive` of "
+      f"commit {laq['git_commit']}, the library included).", "",
       f"Settings: `{json.dumps(s)}`; {spe} steps per epoch; learning rate "
       f"{laq['lr_schedule']}; BLAQ active on every step (m = 1), a = "
       f"{s['a']}. Zig-zag window: epochs {first}..{n_epochs} "
