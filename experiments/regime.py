@@ -34,6 +34,12 @@ heat maps (BLAQ reading minus LAQ, test accuracy at the epoch of best
 validation accuracy of each run) and the epochs to a target accuracy fixed on
 the command line.
 
+``lenet5`` trains LeNet5 with LAQ and with BLAQ in one reading the same
+way, tracing a fixed set of quantized weights (latent value and code after
+every step) and the per-step flip fraction and update cosine; its
+``lenet5-report`` gives the zig-zag statistics over a window of active steps
+as distributions over the tracked weights, paired by seed.
+
 Example (a tiny grid; the real command is in
 ``experiments/results/regime/summary.md``):
 
@@ -220,7 +226,7 @@ class Runner:
   The step function of one seed is :meth:`train_step`; :meth:`run_epoch`
   maps it over the seed axis (``jax.vmap``) and scans it over an epoch.
   ``record`` (optional) maps ``(state_after_step, step_metrics)`` to extra
-  per-step outputs (the zig-zag traces of :mod:`experiments.regime_zigzag`).
+  per-step outputs (the zig-zag traces of :func:`zigzag_recorder`).
   """
 
   def __init__(self, method: str, bits: int, settings: Settings,
