@@ -12,25 +12,9 @@ import pytest
 import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
+from problems import mlp_problem
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
-
-
-def mlp_problem(seed=0):
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-  params = {"l1": {"kernel": jax.random.normal(k1, (8, 16)) * 0.3,
-                   "bias": jnp.zeros(16)},
-            "l2": {"kernel": jax.random.normal(k2, (16, 3)) * 0.3,
-                   "bias": jnp.zeros(3)}}
-  x = jax.random.normal(k3, (32, 8))
-  y = jax.random.randint(k4, (32,), 0, 3)
-
-  def loss(p, x=x, y=y):
-    h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
-    logits = h @ p["l2"]["kernel"] + p["l2"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  return params, loss, (x, y)
 
 
 def train(opt, steps=5, seed=0, jit=True, params=None):
@@ -275,24 +259,6 @@ def test_full_precision_leaves_keep_their_backprop_gradient():
     np.testing.assert_allclose(u["l2"]["bias"], ua["l2"]["bias"], rtol=1e-6)
 
 
-def test_jit_does_not_recompile():
-  params, loss, _ = mlp_problem()
-  opt = blaq_jax.fogzo(0.01, n=2, beta_decay_steps=10,
-                       active=blaq_jax.every_n_steps(2))
-  traces = []
-
-  def step(p, s):
-    traces.append(1)
-    return opt.update(jax.grad(loss)(p), s, p, loss_fn=loss)
-
-  step = jax.jit(step)
-  state = opt.init(params)
-  for _ in range(4):
-    u, state = step(params, state)
-    params = optax.apply_updates(params, u)
-  assert len(traces) == 1
-
-
 def test_inject_hyperparams_gives_identical_updates():
   params, loss, _ = mlp_problem()
   kw = dict(learning_rate=0.02, beta_min=0.9, beta_decay_steps=3, n=2,
@@ -315,66 +281,6 @@ def test_inject_hyperparams_gives_identical_updates():
         jax.grad(loss)(params),
         optax.inject_hyperparams(blaq_jax.fogzo)(0.01, n=2).init(params),
         params, loss_fn=loss)
-
-
-def test_multisteps_forwards_loss_fn_and_applies_once():
-  params, loss, _ = mlp_problem()
-  grads = jax.grad(loss)(params)
-  opt = blaq_jax.fogzo(0.05, beta_min=0.9, n=2)
-  multi = optax.MultiSteps(blaq_jax.fogzo(0.05, beta_min=0.9, n=2),
-                           every_k_schedule=2)
-  state, mstate = opt.init(params), multi.init(params)
-  q = blaq_jax.quantized_params(params, state)
-  u_ref, s_ref = opt.update(grads, state, q, loss_fn=loss)
-  u0, mstate = multi.update(grads, mstate, q, loss_fn=loss)
-  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, u0))
-  u1, mstate = multi.update(grads, mstate, q, loss_fn=loss)
-  chex.assert_trees_all_close(u1, u_ref, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_equal(optax.tree.get(mstate.inner_opt_state, "key"),
-                              optax.tree.get(s_ref, "key"))
-
-
-def test_multi_device_finite_differences_are_averaged():
-  n_dev = 8
-  assert jax.device_count() >= n_dev
-  params, loss, (x, y) = mlp_problem()
-  opt = blaq_jax.fogzo(None, optimizer=optax.sgd(0.5), beta_min=0.9, n=2,
-                       batch_axis_name="batch")
-  single = blaq_jax.fogzo(None, optimizer=optax.sgd(0.5), beta_min=0.9, n=2)
-  state = opt.init(params)
-  params = blaq_jax.quantized_params(params, state)
-
-  def step(p, s, xb, yb):
-    local = lambda p: loss(p, xb, yb)  # noqa: E731
-    g = jax.lax.pmean(jax.grad(local)(p), "batch")
-    u, s = opt.update(g, s, p, loss_fn=local)
-    return optax.apply_updates(p, u), s
-
-  pstep = jax.pmap(step, axis_name="batch")
-  rep = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n_dev), t)  # noqa
-  pp, ps = rep(params), rep(state)
-  xs, ys = x.reshape(n_dev, -1, 8), y.reshape(n_dev, -1)
-  sp, ss = params, state
-  for _ in range(3):
-    pp, ps = pstep(pp, ps, xs, ys)
-    u, ss = single.update(jax.grad(loss)(sp), ss, sp, loss_fn=loss)
-    sp = optax.apply_updates(sp, u)
-  first = lambda t, d=0: jax.tree.map(lambda a: a[d], t)  # noqa: E731
-  for d in range(1, n_dev):
-    chex.assert_trees_all_equal(first(pp), first(pp, d))
-  chex.assert_trees_all_close(first(pp), sp, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(first(optax.tree.get(ps, "finite_difference")),
-                             optax.tree.get(ss, "finite_difference"), rtol=1e-3)
-
-
-def test_registry_and_training():
-  assert blaq_jax.methods.NEEDS["fogzo"] == ("loss_fn",)
-  assert blaq_jax.methods.NEEDS["n_spsa"] == ("loss_fn",)
-  opt = blaq_jax.methods.create("fogzo", 0.02, beta_min=0.99)
-  params, loss, _ = mlp_problem()
-  start = float(loss(blaq_jax.quantized_params(params, opt.init(params))))
-  params, _ = train(opt, steps=30)
-  assert float(loss(params)) < start - 0.05
 
 
 def test_bad_input_errors():

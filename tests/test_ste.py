@@ -12,6 +12,7 @@ import pytest
 import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
+from problems import mlp_problem
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
 
@@ -48,25 +49,6 @@ def np_quantize(w, values, scale, beta0=None):
       break
     alpha_old = alpha
   return alpha, beta
-
-
-def mlp_problem(seed=0, dtype=jnp.float32):
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-  params = {"l1": {"kernel": jax.random.normal(k1, (8, 16)) * 0.3,
-                   "bias": jnp.zeros(16)},
-            "l2": {"kernel": jax.random.normal(k2, (16, 3)) * 0.3,
-                   "bias": jnp.zeros(3)}}
-  params = jax.tree.map(lambda x: x.astype(dtype), params)
-  x = jax.random.normal(k3, (32, 8))
-  y = jax.random.randint(k4, (32,), 0, 3)
-
-  def loss(p, x=x, y=y):
-    h = jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
-    logits = h @ p["l2"]["kernel"] + p["l2"]["bias"]
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), y).mean()
-
-  return params, loss, (x, y)
 
 
 def train(opt, steps=6, seed=0, jit=True):
@@ -301,25 +283,6 @@ def test_binary_connect_clips_the_latent_weights():
     np.testing.assert_array_equal(blaq_jax.scales(state)[layer]["kernel"], 1)
 
 
-def test_jit_does_not_recompile():
-  params, loss, _ = mlp_problem()
-  for opt in (blaq_jax.bwn(0.01), blaq_jax.twn(0.01, channel_axis=-1),
-              blaq_jax.ste(0.01, quantizer="uniform", bits=3)):
-    traces = []
-
-    def step(p, s, opt=opt, traces=traces):
-      traces.append(1)
-      return opt.update(jax.grad(loss)(p), s, p)
-
-    step = jax.jit(step)
-    state = opt.init(params)
-    p = blaq_jax.quantized_params(params, state)
-    for _ in range(3):
-      updates, state = step(p, state)
-      p = optax.apply_updates(p, updates)
-    assert len(traces) == 1
-
-
 def test_inject_hyperparams_gives_identical_updates():
   params, loss, _ = mlp_problem()
   plain = blaq_jax.ste(0.02, quantizer="ternary", clip_latent=1.0)
@@ -341,22 +304,6 @@ def test_inject_hyperparams_gives_identical_updates():
                                            bits=3).init(params)
 
 
-def test_multisteps_accumulates_then_applies_one_step():
-  params, loss, _ = mlp_problem()
-  grads = jax.grad(loss)(params)
-  opt = blaq_jax.bwn(0.05)
-  multi = optax.MultiSteps(blaq_jax.bwn(0.05), every_k_schedule=2)
-  state, mstate = opt.init(params), multi.init(params)
-  q = blaq_jax.quantized_params(params, state)
-  u_ref, s_ref = opt.update(grads, state, q)
-  u0, mstate = multi.update(grads, mstate, q)
-  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, u0))
-  u1, mstate = multi.update(grads, mstate, q)  # same gradient twice
-  chex.assert_trees_all_close(u1, u_ref, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(blaq_jax.latent_params(mstate),
-                              blaq_jax.latent_params(s_ref))
-
-
 def test_chain_with_optax_wrappers():
   opt = optax.chain(optax.clip_by_global_norm(0.1),
                     blaq_jax.bwn(0.05, diagnostics=True))
@@ -366,57 +313,6 @@ def test_chain_with_optax_wrappers():
                              rtol=0, atol=1e-6)
   assert 0 <= float(optax.tree.get(state, "flip_fraction")) <= 1
   assert -1 <= float(optax.tree.get(state, "update_cosine")) <= 1
-
-
-def test_multi_device_data_parallel_equals_single_device():
-  n_dev = 8
-  assert jax.device_count() >= n_dev
-  params, loss, (x, y) = mlp_problem()
-  # SGD: Adam's first step is sign(g), which turns float noise in a ~0
-  # gradient entry into a full step.
-  opt = blaq_jax.twn(None, optimizer=optax.sgd(0.5))
-  state = opt.init(params)
-  params = blaq_jax.quantized_params(params, state)
-
-  def step(p, s, xb, yb):
-    g = jax.lax.pmean(jax.grad(loss)(p, xb, yb), "batch")
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s
-
-  pstep = jax.pmap(step, axis_name="batch")
-  rep = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n_dev), t)  # noqa
-  pp, ps = rep(params), rep(state)
-  xs, ys = x.reshape(n_dev, -1, 8), y.reshape(n_dev, -1)
-  sp, ss = params, state
-  for _ in range(3):
-    pp, ps = pstep(pp, ps, xs, ys)
-    u, ss = opt.update(jax.grad(loss)(sp), ss, sp)
-    sp = optax.apply_updates(sp, u)
-  for d in range(1, n_dev):  # replicas agree exactly
-    chex.assert_trees_all_equal(jax.tree.map(lambda a: a[0], pp),
-                                jax.tree.map(lambda a, d=d: a[d], pp))
-  chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], pp), sp,
-                              rtol=1e-5, atol=1e-6)
-
-
-def test_bfloat16_params_keep_their_dtype():
-  params, loss, _ = mlp_problem(dtype=jnp.bfloat16)
-  opt = blaq_jax.bwn(0.01)
-  state = opt.init(params)
-  u, state = opt.update(jax.grad(loss)(params), state, params)
-  chex.assert_trees_all_equal_dtypes(u, params)
-  chex.assert_trees_all_equal_dtypes(
-      optax.apply_updates(params, u), params)
-
-
-def test_all_methods_reduce_the_loss():
-  for name in ("bc", "bwn", "twn", "ste"):
-    opt = blaq_jax.methods.create(name, 0.02)
-    params, loss, _ = mlp_problem()
-    start = float(loss(blaq_jax.quantized_params(params, opt.init(params))))
-    params, _ = train(opt, steps=40)
-    assert float(loss(params)) < start - 0.05, name
-    assert blaq_jax.methods.NEEDS[name] == ()
 
 
 def test_bad_input_errors():
