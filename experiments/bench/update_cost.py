@@ -3,8 +3,9 @@
 Each method's step is ``update`` + ``optax.apply_updates`` in one jitted
 function whose params and optimizer state are donated and carried from call
 to call (updated in place, as in a training loop); the gradient is a fixed
-random tree. BLAQ's active step gets ``grad_fn = lambda p: g2`` with a
-precomputed second gradient ``g2``, so the trial gradient's forward and
+random tree. BLAQ's active step gets ``grad_fn = lambda p: g2 + 0 p`` with
+a precomputed second gradient ``g2`` (it reads the trial params, so the
+trial projection is not dead code), so the trial gradient's forward and
 backward passes are excluded: what is timed is the optimizer's own work.
 After a warm-up the methods run in interleaved rounds (see
 :func:`experiments.bench.common.time_interleaved`) in one process with Adam,
@@ -121,7 +122,11 @@ def _selected(name: str, methods: Optional[Sequence[str]]) -> bool:
 def make_step(opt, kind: str):
   """The jitted, donated ``update + apply_updates`` of one method."""
   def step(params, state, grads, grads2):
-    extra = {"grad_fn": lambda p: grads2} if kind == "grad_fn" else {}
+    # The trial gradient reads the trial params (as a real one does), so
+    # XLA cannot drop BLAQ's trial projection as dead code.
+    extra = {"grad_fn": lambda p: jax.tree.map(
+        lambda g, x: g + 0.0 * x.astype(g.dtype), grads2, p)} if (
+            kind == "grad_fn") else {}
     updates, state = opt.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
   return jax.jit(step, donate_argnums=(0, 1)), step
