@@ -9,6 +9,9 @@ import pytest
 
 import blaq_jax
 from blaq_jax.levels import LevelSet
+from problems import fig1_loss
+from problems import three_halves_curvature as toy_curv
+from problems import three_halves_loss as toy_loss
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
@@ -96,11 +99,6 @@ def test_laq_and_blaq_steps_differ():
 
 # --- f(w) = c |w|^(3/2) with exact Newton curvature ------------------------
 
-C = 2.0
-toy_loss = lambda p: C * jnp.abs(p["w"]) ** 1.5
-toy_curv = lambda p: {"w": 0.75 * C * jnp.abs(p["w"]) ** -0.5}
-
-
 def run_toy(opt, w0, steps):
   params = {"w": jnp.asarray(w0, jnp.float32)}
   state = opt.init(params)
@@ -133,11 +131,6 @@ def test_blaq_does_not_oscillate_on_three_halves_power(a):
 
 
 # --- the paper's Figure 1 loss ----------------------------------------------
-
-def fig1_loss(p):
-  w = p["w"]
-  return 5 * (w[0] - 0.054) ** 2 + (w[1] + 0.055) ** 2
-
 
 def run_fig1(opt, steps=300):
   params = {"w": jnp.array([-0.06, 0.04])}
