@@ -106,8 +106,8 @@ def run(config, variants: Sequence[Tuple[str, Dict[str, Any]]],
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
-  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
-  train_lib.quiet_orbax_logging()
+  from experiments import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpointing.quiet_orbax_logging()
   f = flags.FLAGS
   variants = [parse_variant(v) for v in f.variant]
   if not variants:

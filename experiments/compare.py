@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from experiments import checkpointing
+from experiments import metrics as metrics_lib
 from experiments import plots
 from experiments import stats
 from experiments import train as train_lib
@@ -117,8 +119,8 @@ def run_all(config, methods: Sequence[str], seeds: Sequence[int],
       root = pathlib.Path(run_dir) / "metrics"
       runs[method].append(dict(
           summary=summary,
-          epochs=train_lib.read_jsonl(root / "epochs.jsonl"),
-          steps=train_lib.read_jsonl(root / "steps.jsonl")))
+          epochs=metrics_lib.read_jsonl(root / "epochs.jsonl"),
+          steps=metrics_lib.read_jsonl(root / "steps.jsonl")))
   return runs
 
 
@@ -263,7 +265,7 @@ def _csv(text: str, cast=str) -> List:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
-  train_lib.quiet_orbax_logging()
+  checkpointing.quiet_orbax_logging()
   f = flags.FLAGS
   targets = stats.parse_targets(f.targets)
   if f.target is not None:

@@ -90,11 +90,10 @@ from experiments import losses as losses_lib
 from experiments import metrics as metrics_lib
 from experiments import models as models_lib
 from experiments import zigzag
-# Names other modules (experiments.compare, ablation, bench) import from here.
-from experiments.checkpointing import ConfigMismatchError  # noqa: F401
-from experiments.checkpointing import quiet_orbax_logging  # noqa: F401
-from experiments.input_pipeline import global_batch, make_mesh  # noqa: F401
-from experiments.metrics import TIMING_KEYS, read_jsonl  # noqa: F401
+from experiments.checkpointing import ConfigMismatchError
+from experiments.checkpointing import quiet_orbax_logging
+from experiments.input_pipeline import global_batch, make_mesh
+from experiments.metrics import TIMING_KEYS, read_jsonl
 
 METHODS = tuple(sorted(methods.METHODS))
 # Methods with a schedule over the run's total steps: num_epochs is part of

@@ -50,7 +50,7 @@ import numpy as np
 
 from experiments import plots
 from experiments import stats
-from experiments import train as train_lib
+from experiments import metrics as metrics_lib
 from experiments.bench import common
 
 COST_KEYS = ("epoch", "wall_time", "grad_evals", "loss_evals")
@@ -73,7 +73,7 @@ def load_runs(workdir: str, methods: Optional[Sequence[str]] = None
   runs = {}
   for method in (methods or found):
     seeds = sorted((root / method).glob("seed_*"))
-    recs = [train_lib.read_jsonl(s / "metrics" / "epochs.jsonl")
+    recs = [metrics_lib.read_jsonl(s / "metrics" / "epochs.jsonl")
             for s in seeds]
     recs = [r for r in recs if r]
     if recs:

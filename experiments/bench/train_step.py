@@ -56,6 +56,7 @@ import ml_collections
 import optax
 
 from experiments import data as data_lib
+from experiments import input_pipeline
 from experiments import train
 from experiments.bench import common
 from experiments.configs import imagenet_resnet18
@@ -114,7 +115,7 @@ def fixed_batch(setup: train.Setup):
   """The first training batch, sharded over the setup's mesh."""
   x, y = setup.splits["train"]
   loader = data_lib.make_loader(x, y, **setup.loader_kw)
-  return train.global_batch(setup.mesh, next(iter(loader)))
+  return input_pipeline.global_batch(setup.mesh, next(iter(loader)))
 
 
 def fresh_state(setup: train.Setup):

@@ -4,7 +4,7 @@ The per-table configurations start from :func:`get_config` and change what
 their table changes. Fields under "Run control" only affect logging and
 where the run stops; a checkpoint written under other values of them is
 still resumed. Every other field must match to resume (see
-:data:`experiments.train.RUN_CONTROL_FIELDS`).
+:data:`experiments.checkpointing.RUN_CONTROL_FIELDS`).
 """
 
 import ml_collections
