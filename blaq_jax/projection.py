@@ -282,21 +282,22 @@ def _fixed_rounds(alpha, rounds, w, d, axes, beta_at, safe_ratio):
   Round ``r`` evaluates ``beta_r = nearest(w / a_r)`` and, in one pass,
   ``S1 = sum(d beta_r w)``, ``S2 = sum(d beta_r^2)``: its candidate
   ``alpha_r = S1 / S2`` has error ``sum(d w^2) - S1^2 / S2``, so the candidate
-  with the largest gain ``S1^2 / S2`` is the best so far (ties: the later
-  one). After every two plain rounds the next round starts from the Aitken
-  extrapolation of the last three scales (kept within a factor 2), which
-  speeds up the linear convergence of the alternation. The best candidate is
-  returned: never worse (in that error) than the first ``min(rounds, 2)``
-  plain rounds; with ``rounds <= 2`` it is the plain last round.
+  with the largest gain ``S1^2 / S2`` is the best (ties: the later one).
+  After every two rounds the next round starts from the Aitken extrapolation
+  of the last three scales (kept within a factor 2), which speeds up the
+  linear convergence of the alternation. Returned: the last plain round
+  before the first extrapolation, or a later round with a larger gain; so
+  never worse (in that error, up to float32 round-off of the gains) than the
+  first two plain rounds, and with ``rounds <= 2`` the plain alternation.
   """
-  best, best_gain, hist = alpha, None, [alpha]
+  best, best_gain, hist, extrapolated = alpha, None, [alpha], False
   for r in range(rounds):
     beta = beta_at(alpha)
     db = d * beta
     s1, s2 = fused_sums([db * w, db * beta], axes)
     new = safe_ratio(s1, s2)
     gain = jnp.where(s2 > 0, s1 * new, -jnp.inf)  # = S1^2 / S2
-    if best_gain is None:
+    if not extrapolated:  # plain rounds only descend: the last is the best
       best, best_gain = new, gain
     else:
       later = gain >= best_gain
@@ -305,7 +306,7 @@ def _fixed_rounds(alpha, rounds, w, d, axes, beta_at, safe_ratio):
     hist.append(new)
     alpha = new
     if len(hist) == 3 and r < rounds - 1:
-      alpha = _aitken(*hist)
+      alpha, extrapolated = _aitken(*hist), True
       hist = [alpha]
   return best
 

@@ -25,17 +25,19 @@ def np_nearest(x, values):
 
 def np_rounds(w, d, values, alpha, rounds):
   """``rounds`` rounds from the scale ``alpha`` (plain alternation, an
-  Aitken start every third round, the best round kept), then the codes."""
-  best, best_gain, hist = alpha, None, [alpha]
+  Aitken start every third round, then the best round kept), then the
+  codes."""
+  best, best_gain, hist, extrapolated = alpha, None, [alpha], False
   for r in range(rounds):
     beta = np_nearest(w / alpha, values)
     s1, s2 = np.sum(d * beta * w), np.sum(d * beta * beta)
     new = s1 / s2
-    if best_gain is None or s1 * new >= best_gain:
+    if not extrapolated or s1 * new >= best_gain:
       best, best_gain = new, s1 * new
     hist.append(new)
     alpha = new
     if len(hist) == 3 and r < rounds - 1:
+      extrapolated = True
       x0, x1, x2 = hist
       den = x2 - 2 * x1 + x0
       guess = x0 - (x1 - x0) ** 2 / den if den != 0 else x2
