@@ -829,6 +829,14 @@ def report(out, targets: Mapping[str, float], *, summary=None,
       "method. Test accuracy is read at the epoch of best validation "
       "accuracy of each run (experiments/stats.py); the interval is the 95% "
       "Student-t interval of the paired difference over seeds.",
+      "", f"Cut to fit 2 shared CPU cores (about an hour for the grid): "
+      f"the first {settings['train_size'] or 50000} of the 50k training "
+      f"examples, {settings['epochs']} epochs of "
+      f"{records[0]['steps_per_epoch']} steps, the learning rate x"
+      f"{settings['decay']:g} over the last {settings['decay_epochs']} "
+      "epoch(s) only, the 256-wide quick MLP instead of the paper's "
+      "2048-wide one (the paper: 50 epochs of 500 steps). Why and what "
+      "was fixed before the runs: experiments/configs/regime_mlp.py.",
       "", "BLAQ takes 2 gradient evaluations per step, LAQ 1: the "
       "comparison is at equal steps and equal data, not equal compute.",
       "", f"![regime map]({png.name})", "", "## Answer, per reading", "",
