@@ -56,8 +56,6 @@ class Method:
       1), else ``None``.
     transparent: an active step takes two ``update`` calls.
     batch_axis: it takes ``batch_axis_name`` (a second, in-update reduction).
-    loss_aware: its projection is weighted by the curvature ``D`` (LAQ,
-      BLAQ), so it reaches the 1-bit optimum of an anisotropic quadratic.
   """
 
   id: str
@@ -68,7 +66,6 @@ class Method:
   fixed_scale: Optional[float] = None
   transparent: bool = False
   batch_axis: bool = False
-  loss_aware: bool = False
 
   @property
   def factory(self) -> Callable[..., optax.GradientTransformation]:
@@ -108,13 +105,12 @@ def _blaq(blend, transparent, **kwargs):
   return Method(
       id=f"blaq-{blend}" + ("-transparent" if transparent else ""),
       name="blaq", kwargs=kwargs, needs=() if transparent else ("grad_fn",),
-      level_set=_ONE_BIT, transparent=transparent, batch_axis=True,
-      loss_aware=True)
+      level_set=_ONE_BIT, transparent=transparent, batch_axis=True)
 
 
 METHODS: Tuple[Method, ...] = (
     Method("fp", "fp"),
-    Method("laq", "laq", level_set=_ONE_BIT, loss_aware=True),
+    Method("laq", "laq", level_set=_ONE_BIT),
     _blaq("moments", False),
     # active=2: the trial runs on even steps, under a traced lax.cond.
     _blaq("lookahead", False, active=2),
