@@ -1,4 +1,8 @@
-"""LAQ and BLAQ against known answers (METHOD.md formulas, toy losses)."""
+"""LAQ and BLAQ against known answers (METHOD.md formulas, toy losses).
+
+BLAQ runs in the ``"moments"`` reading here (METHOD.md's BLAQ step);
+tests/test_blaq_readings.py covers the three readings.
+"""
 
 import chex
 import jax
@@ -67,7 +71,7 @@ def test_one_step_on_quadratic_matches_numpy(method, bits, level_set):
   lr = 0.01
   kw = dict(bits=bits, level_set=level_set)
   opt = (blaq_jax.laq(lr, **kw) if method == "laq"
-         else blaq_jax.blaq(lr, a=0.6, **kw))
+         else blaq_jax.blaq(lr, a=0.6, **kw, blend="moments"))
   params = {"kernel": jnp.asarray(w0)}
   state = opt.init(params)
   params = blaq_jax.quantized_params(params, state)
@@ -90,7 +94,7 @@ def test_laq_and_blaq_steps_differ():
   loss = lambda p: jnp.sum((p["kernel"] - jnp.array([[0.3, -0.1]])) ** 2)
   params = {"kernel": jnp.array([[0.05, 0.2]])}
   outs = []
-  for opt in (blaq_jax.laq(0.1), blaq_jax.blaq(0.1, a=0.6)):
+  for opt in (blaq_jax.laq(0.1), blaq_jax.blaq(0.1, a=0.6, blend="moments")):
     state = opt.init(params)
     outs.append(blaq_jax.latent_params(opt.update(
         jax.grad(loss)(params), state, params, grad_fn=jax.grad(loss))[1]))
@@ -124,7 +128,7 @@ def test_blaq_does_not_oscillate_on_three_halves_power(a):
   # Trial: q* = -q_t, g* = -g, H* = H, so the blended step is (2a - 1) g / H
   # = 2 (2a - 1) q_t and q_{t+1} = (3 - 4a) q_t: no sign flip for a < 3/4,
   # and |3 - 4a| < 1 for 1/2 < a < 1: convergence to the minimum at 0.
-  qs = run_toy(blaq_jax.blaq(1.0, b1=0.0, a=a, quantize=ALL), 0.5, 12)
+  qs = run_toy(blaq_jax.blaq(1.0, b1=0.0, a=a, quantize=ALL, blend="moments"), 0.5, 12)
   np.testing.assert_allclose(qs, 0.5 * (3 - 4 * a) ** np.arange(13),
                              rtol=1e-4, atol=1e-9)
   assert abs(qs[-1]) < 0.5 * abs(qs[0])
@@ -156,7 +160,7 @@ def test_figure1_both_converge_to_quantized_optimum():
   # minimised at alpha = (5 * .054 + .055) / 6.
   alpha_star = (5 * 0.054 + 0.055) / 6
   for name, opt in (("LAQ", blaq_jax.laq(0.005, quantize=ALL)),
-                    ("BLAQ", blaq_jax.blaq(0.005, a=0.6, quantize=ALL))):
+                    ("BLAQ", blaq_jax.blaq(0.005, a=0.6, quantize=ALL, blend="moments"))):
     q, flips, reversals = run_fig1(opt)
     np.testing.assert_allclose(q, [alpha_star, -alpha_star], rtol=1e-3)
     print(f"Figure 1 toy, {name}: {flips} code flips, {reversals} latent "
@@ -201,12 +205,12 @@ def test_blaq_with_a_equal_one_is_exactly_laq(bits):
   # ``lr * (m / bc) / d`` differently from BLAQ's blended form (an ulp),
   # which a later sign flip can amplify: there one step agrees to an ulp.
   p_laq, s_laq = run(blaq_jax.laq(0.01, bits=bits), jit=False)
-  p_blaq, s_blaq = run(blaq_jax.blaq(0.01, bits=bits, a=1.0), jit=False)
+  p_blaq, s_blaq = run(blaq_jax.blaq(0.01, bits=bits, a=1.0, blend="moments"), jit=False)
   chex.assert_trees_all_equal(p_laq, p_blaq)
   chex.assert_trees_all_equal(blaq_jax.latent_params(s_laq),
                               blaq_jax.latent_params(s_blaq))
   p_laq, _ = run(blaq_jax.laq(0.01, bits=bits), steps=1)
-  p_blaq, _ = run(blaq_jax.blaq(0.01, bits=bits, a=1.0), steps=1)
+  p_blaq, _ = run(blaq_jax.blaq(0.01, bits=bits, a=1.0, blend="moments"), steps=1)
   chex.assert_trees_all_close(p_laq, p_blaq, rtol=1e-6, atol=1e-7)
 
 
@@ -218,7 +222,7 @@ def test_blaq_never_active_is_exactly_laq_and_traces_no_trial():
     return p
 
   params, loss = mlp_problem()
-  opt = blaq_jax.blaq(0.01, active=blaq_jax.never)
+  opt = blaq_jax.blaq(0.01, active=blaq_jax.never, blend="moments")
   state = opt.init(params)
   updates, _ = opt.update(jax.grad(loss)(params), state, params,
                           grad_fn=spy_grad_fn)
@@ -229,25 +233,25 @@ def test_blaq_never_active_is_exactly_laq_and_traces_no_trial():
   # A traced schedule goes through lax.cond, whose branches XLA compiles
   # (and may reassociate): one step agrees to float rounding.
   p_laq, _ = run(blaq_jax.laq(0.01), steps=1)
-  p_never, _ = run(blaq_jax.blaq(0.01, active=lambda step: step < 0),
+  p_never, _ = run(blaq_jax.blaq(0.01, active=lambda step: step < 0, blend="moments"),
                    steps=1)
   chex.assert_trees_all_close(p_laq, p_never, rtol=1e-6, atol=1e-7)
 
 
 def test_schedule_gates_the_trial_with_cond():
   # Traced schedule (period 3): active on steps 0, 3, 6 only.
-  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True), steps=1)
+  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True, blend="moments"), steps=1)
   assert bool(optax.tree.get(state, "trial_active"))
-  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True), steps=2)
+  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True, blend="moments"), steps=2)
   assert not bool(optax.tree.get(state, "trial_active"))
-  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True), steps=4)
+  _, state = run(blaq_jax.blaq(0.01, active=3, diagnostics=True, blend="moments"), steps=4)
   assert bool(optax.tree.get(state, "trial_active"))
 
 
 def test_inactive_steps_compute_no_trial_gradient_under_jit():
   """The trial gradient sits in a lax.cond branch that is not executed."""
   params, loss = mlp_problem()
-  opt = blaq_jax.blaq(0.01, active=2)
+  opt = blaq_jax.blaq(0.01, active=2, blend="moments")
   state = opt.init(params)
   counter = []
   def counting_grad_fn(p):
@@ -265,7 +269,7 @@ def test_inactive_steps_compute_no_trial_gradient_under_jit():
 def test_params_are_on_the_level_set_after_every_update():
   for opt, kind, bits in ((blaq_jax.laq(0.01, bits=2), "blaq", 2),
                           (blaq_jax.blaq(0.01, bits=3, level_set="linear",
-                                         channel_axis=-1), "linear", 3)):
+                                         channel_axis=-1, blend="moments"), "linear", 3)):
     params, loss = mlp_problem()
     state = opt.init(params)
     values = LevelSet(kind, bits).values
@@ -286,7 +290,7 @@ def test_params_are_on_the_level_set_after_every_update():
 
 
 def test_diagnostics_are_readable_and_sane():
-  _, state = run(blaq_jax.blaq(0.05, diagnostics=True), steps=6)
+  _, state = run(blaq_jax.blaq(0.05, diagnostics=True, blend="moments"), steps=6)
   flip = float(optax.tree.get(state, "flip_fraction"))
   cos = float(optax.tree.get(state, "update_cosine"))
   assert 0.0 <= flip <= 1.0 and -1.0 <= cos <= 1.0
@@ -302,7 +306,7 @@ def test_diagnostics_are_readable_and_sane():
 
 
 def test_keep_trial_stores_trial_latent_and_gradient():
-  _, state = run(blaq_jax.blaq(0.05, keep_trial=True), steps=1)
+  _, state = run(blaq_jax.blaq(0.05, keep_trial=True, blend="moments"), steps=1)
   tl = optax.tree.get(state, "trial_latent")["l1"]["kernel"]
   tg = optax.tree.get(state, "trial_grad")["l1"]["kernel"]
   chex.assert_shape([tl, tg], (8, 16))
@@ -310,8 +314,8 @@ def test_keep_trial_stores_trial_latent_and_gradient():
 
 
 def test_blended_moments_option_changes_what_is_carried():
-  _, s_real = run(blaq_jax.blaq(0.05), steps=3)
-  _, s_blend = run(blaq_jax.blaq(0.05, moments="blended"), steps=3)
+  _, s_real = run(blaq_jax.blaq(0.05, blend="moments"), steps=3)
+  _, s_blend = run(blaq_jax.blaq(0.05, moments="blended", blend="moments"), steps=3)
   assert not np.allclose(optax.tree.get(s_real, "mu")["l1"]["kernel"],
                          optax.tree.get(s_blend, "mu")["l1"]["kernel"])
 
@@ -319,8 +323,8 @@ def test_blended_moments_option_changes_what_is_carried():
 def test_transparent_mode_equals_opaque_on_a_fixed_batch():
   """With the same batch each call, two transparent calls = one opaque."""
   params, loss = mlp_problem()
-  opaque = blaq_jax.blaq(0.02, active=2)
-  transparent = blaq_jax.blaq(0.02, active=2, opaque=False)
+  opaque = blaq_jax.blaq(0.02, active=2, blend="moments")
+  transparent = blaq_jax.blaq(0.02, active=2, opaque=False, blend="moments")
   p1, s1 = params, opaque.init(params)
   p2, s2 = params, transparent.init(params)
   t_step = jax.jit(lambda p, s: transparent.update(jax.grad(loss)(p), s, p))
@@ -408,7 +412,7 @@ def test_binary_mlp_trains_on_mnist_subset(method, shared_data_dir):
     return optax.softmax_cross_entropy_with_integer_labels(
         logits_fn(p, xb), yb).mean()
 
-  opt = blaq_jax.laq(0.005) if method == "laq" else blaq_jax.blaq(0.005)
+  opt = blaq_jax.laq(0.005) if method == "laq" else blaq_jax.blaq(0.005, blend="moments")
   state = opt.init(params)
   params = blaq_jax.quantized_params(params, state)
 
@@ -436,9 +440,9 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="Unsupported bit width bits=9"):
     blaq_jax.laq(0.1, bits=9)
   with pytest.raises(ValueError, match="a must be a scalar in"):
-    blaq_jax.blaq(0.1, a=1.5)
+    blaq_jax.blaq(0.1, a=1.5, blend="moments")
   with pytest.raises(ValueError, match="active must be"):
-    blaq_jax.blaq(0.1, active=0)
+    blaq_jax.blaq(0.1, active=0, blend="moments")
   with pytest.raises(TypeError, match="'l1/kernel' has dtype int32"):
     blaq_jax.laq(0.1).init({"l1": {"kernel": jnp.ones((2, 2), jnp.int32)}})
   with pytest.raises(TypeError, match="'w' has dtype complex64"):
@@ -447,7 +451,7 @@ def test_bad_input_errors():
     blaq_jax.laq(0.1, quantize={"l1": {"kernel": True}}).init(params)
   with pytest.raises(ValueError, match="bits of leaf 'l1/bias'"):
     blaq_jax.laq(0.1, quantize=lambda p, x: 12).init(params)
-  opt = blaq_jax.blaq(0.1)
+  opt = blaq_jax.blaq(0.1, blend="moments")
   state = opt.init(params)
   with pytest.raises(ValueError, match="needs the keyword argument grad_fn"):
     opt.update(g, state, params)

@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.a = 0.6  # BLAQ's blend weight
   c.blaq_period_epochs = 5  # BLAQ's m: two-stage update one epoch in m
   c.moments = "real"  # BLAQ: moments inherited from the real gradient
-  c.blend = "moments"  # BLAQ: reading of Algorithm 1 (moments/lookahead/gradients)
+  c.blend = "lookahead"  # BLAQ: reading of Algorithm 1 (lookahead/moments/gradients)
   c.fogzo = ml_collections.ConfigDict(
       {"n": 1, "beta_min": 0.999, "eps_scale": 1.0})
 
