@@ -23,10 +23,11 @@ diagonal curvature ``d`` it solves
   - ``tol=None``: exactly ``max_iter`` rounds, unrolled, with no
     data-dependent control flow (the cheap per-step scheme: no host round
     trip on an accelerator, a fixed number of passes). It starts from
-    ``start_alpha`` (e.g. :func:`extrapolate` of the last two scales), else
-    from ``prev_alpha`` (the last step's scale), else from the closed-form
-    guess ``gaussian_scale(Q) * sqrt(sum(d w^2) / sum(d))`` (the scale that
-    is optimal if ``w`` were Gaussian; one extra pass). From the third
+    ``start_alpha`` (e.g. :func:`~blaq_jax.projection.extrapolate` of the
+    last two scales), else from ``prev_alpha`` (the last step's scale), else
+    from the closed-form guess ``gaussian_scale(Q) * sqrt(sum(d w^2) /
+    sum(d))`` (the scale that is optimal if ``w`` were Gaussian; one extra
+    pass). From the third
     round on, every third round starts from the Aitken extrapolation of the
     last three scales, and the best round is kept (its error
     ``sum(d w^2) - S1^2 / S2`` needs no extra sum); one or two rounds are
@@ -44,7 +45,7 @@ Example:
   >>> round(float(alpha), 4), codes.tolist()
   (0.25, [1, 0, 1, 0])
   >>> # 2 bits, two fixed rounds from the last scale 0.3: beta = nearest(w /
-  >>> # 0.3) = [1, -1/2, 1/2, -1], alpha = sum(beta w) / sum(beta^2) = 0.85 / 2.5
+  >>> # 0.3) = [1, -1/2, 1/2, -1], alpha = sum(beta w) / sum(beta^2) = .85/2.5
   >>> alpha, codes = project(w, jnp.ones_like(w), LevelSet("blaq", 2),
   ...                        prev_alpha=jnp.array(0.3), tol=None, max_iter=2)
   >>> round(float(alpha), 4), codes.tolist()
@@ -98,16 +99,18 @@ def dequantize_latent(w, alpha, level_set: LevelSet, channel_axis=None,
   """``q = alpha * nearest_Q(w / alpha)`` without forming codes.
 
   Equal, bit for bit, to ``dequantize(alpha, codes)`` with the codes
-  :func:`project` returns for ``w`` and ``alpha``: a step can emit
-  ``q - params`` from the latent weights and the scale in the same pass,
-  and codes can be derived on demand (``level_set.codes(w / alpha)``).
+  :func:`~blaq_jax.projection.project` returns for ``w`` and ``alpha``: a
+  step can emit ``q - params`` from the latent weights and the scale in the
+  same pass, and codes can be derived on demand
+  (``level_set.codes(w / alpha)``).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from blaq_jax.levels import LevelSet
     >>> w = jnp.array([0.3, -0.1, 0.2, -0.4])
-    >>> dequantize_latent(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
-    [0.3400000035762787, -0.17000000178813934, 0.17000000178813934, -0.3400000035762787]
+    >>> q = dequantize_latent(w, jnp.array(0.34), LevelSet("blaq", 2))
+    >>> [round(x, 4) for x in q.tolist()]
+    [0.34, -0.17, 0.17, -0.34]
   """
   w = jnp.asarray(w, jnp.float32)
   a = _expand(jnp.asarray(alpha, jnp.float32), w.ndim, channel_axis)
@@ -118,7 +121,7 @@ def extrapolate(alpha, alpha_before):
   """A start for the next projection from the last two scales.
 
   ``alpha + (alpha - alpha_before)``, kept in ``[alpha / 2, 2 alpha]`` (so
-  positive). Pass it to :func:`project` as ``start_alpha``.
+  positive). Pass it to :func:`~blaq_jax.projection.project` as ``start_alpha``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -195,8 +198,8 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       always run); with ``tol=None`` the number of rounds (a static int
       ``>= 1``).
     start_alpha: with ``tol=None``, the scale the rounds start from (e.g.
-      :func:`extrapolate` of the last two scales); overrides ``prev_alpha``
-      as the start.
+      :func:`~blaq_jax.projection.extrapolate` of the last two scales);
+      overrides ``prev_alpha`` as the start.
 
   Returns:
     ``(alpha, codes)``: float32 scales of shape ``scale_shape(w.shape, ...)``
