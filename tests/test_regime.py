@@ -153,7 +153,8 @@ def _fake_cell(tmp_path, method, val, test, seeds=(0, 1, 2)):
                  test_loss=[[1.0] * n for _ in seeds])
   regime.write_json(regime.cell_path(tmp_path, cell), dict(
       name=cell.name, dataset="mnist", bits=1, lr=0.01, method=method,
-      seeds=list(seeds), settings={}, steps_per_epoch=10,
+      seeds=list(seeds), settings=dataclasses.asdict(TINY),
+      steps_per_epoch=10,
       grad_evals_per_step=1 if method == "laq" else 2, metrics=metrics,
       command="fake", git_commit="x", complete=True))
 
