@@ -9,6 +9,7 @@ the reductions differs).
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -158,10 +159,17 @@ def test_sharded_params_stay_sharded_and_nothing_is_gathered(factory):
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
   hlo = jitted.lower(params, state).compile().as_text()
-  assert "all-gather" not in hlo
+  # No tensor is gathered: the only cross-device traffic of the projection
+  # is its row sums (the fused variadic reduction's partials, 16 x 2 here;
+  # a kernel shard is 16 x 16), which XLA combines by an all-gather.
+  shard = 16 * 16
+  for line in hlo.splitlines():
+    if " all-gather(" in line:
+      dims = re.search(r"= f32\[([\d,]*)\]", line).group(1)
+      assert int(np.prod([int(x) for x in dims.split(",") if x])) < shard, line
   reference = step(*jax.device_get((params, state)))  # one device
   new_params, new_state = jitted(params, state)
-  for p in (new_params, new_state.latent, new_state.mu):
+  for p in (new_params, new_state.latent, optax.tree.get(new_state, "mu")):
     assert p["dense"]["kernel"].sharding.is_equivalent_to(kernel_sharding, 2)
   codes = blaq_jax.codes(new_state)["dense"]["kernel"]
   assert codes.sharding.is_equivalent_to(kernel_sharding, 2)
