@@ -267,7 +267,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
         lambda g: engine.select(on, start, laq_commit, g), ctx.grads)
     return result(out[:-1], 1, commit=out[-1])
 
-  return engine.Rule(init, step, _project, ())
+  return engine.Rule(init, step, _project, (), fixed_rounds=True)
 
 
 def _project(w, d, level_set, prev, **options):
