@@ -956,7 +956,9 @@ def lenet5_report(out, *, target: float, command: str = "") -> str:
       "for every seed and method). Amplitude: half the largest swing "
       "between turning points of a weight's latent trajectory; flips: "
       "changes of its code; 'per step' samples after every step, 'per "
-      "epoch' at the end of each epoch.", "",
+      "epoch' at the end of each epoch (an amplitude needs two turning "
+      f"points, i.e. at least 4 samples: the window has "
+      f"{n_epochs - max(first - 1, 1) + 1} epoch ends).", "",
       f"Command: `{command}`", "",
       "## Paired per-seed measures", "", *lines, "",
       "## Distributions over tracked weights (pooled over seeds)", "",
