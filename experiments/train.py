@@ -125,6 +125,7 @@ CONSTRAINTS: Tuple[Tuple[str, Callable[[Any], bool], str], ...] = (
     ("edge_bits", lambda v: v >= 1, "must be >= 1"),
     ("a", _in(0, 1), "(BLAQ's blend weight) must be in [0, 1]"),
     ("blaq_period_epochs", lambda v: v >= 1, "must be >= 1"),
+    ("blaq_epoch_offset", lambda v: v >= 0, "must be >= 0"),
     ("clip_latent", lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
     ("train_size", lambda v: v >= 0, "must be >= 0 (0: the whole split)"),
     ("validation_size", lambda v: v >= 0,
@@ -195,8 +196,10 @@ def quantize_rule(config):
 
 
 def blaq_schedule(config, steps_per_epoch: int):
-  """BLAQ's ``active`` schedule: one epoch in ``config.blaq_period_epochs``."""
-  return blaq_jax.one_epoch_every(config.blaq_period_epochs, steps_per_epoch)
+  """BLAQ's ``active`` schedule: one epoch in ``config.blaq_period_epochs``,
+  shifted by ``config.blaq_epoch_offset`` epochs."""
+  return blaq_jax.one_epoch_every(config.blaq_period_epochs, steps_per_epoch,
+                                  config.get("blaq_epoch_offset", 0))
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,

@@ -458,3 +458,20 @@ def test_time_to_accuracy_reads_logged_runs(tmp_path):
   assert (dirs["laq"] / "accuracy_vs_cost_grad_evals.png").stat().st_size > 0
   with pytest.raises(SystemExit, match="'laq' is in more than one"):
     time_to_accuracy.main(["--workdir", f"{dirs['laq']},{dirs['laq']}"])
+
+
+def test_blaq_epoch_offset_moves_the_active_epochs():
+  # m = 5 with the x0.1-every-5-epochs decay: offset 0 makes the active
+  # epochs the first after each decay; offset 2 moves them inside.
+  from experiments.configs import mnist_mlp
+  config = mnist_mlp.get_config()
+  steps = 10
+  active = lambda c: [e for e in range(12)  # noqa: E731
+                      if bool(train_lib.blaq_schedule(c, steps)(e * steps))]
+  assert active(config) == [0, 5, 10]
+  config.blaq_epoch_offset = 2
+  assert active(config) == [2, 7]
+  config.blaq_epoch_offset = -1
+  with pytest.raises(train_lib.ConfigError,
+                     match=r"--config.blaq_epoch_offset.*must be >= 0"):
+    train_lib.validate_config(config)

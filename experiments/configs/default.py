@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.edge_bits = 8  # resnet18: first and last layer
   c.a = 0.6  # BLAQ's blend weight
   c.blaq_period_epochs = 5  # BLAQ's m: two-stage update one epoch in m
+  # Active epochs are those with epoch % m == offset (0: epochs 1, 1 + m, ...,
+  # which are the first epochs after each decay of the MNIST schedule).
+  c.blaq_epoch_offset = 0
   c.moments = "real"  # BLAQ: moments inherited from the real gradient
   c.blend = "lookahead"  # BLAQ: reading of Algorithm 1 (lookahead/moments/gradients)
   c.fogzo = ml_collections.ConfigDict(
