@@ -216,7 +216,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
   if level_set.kind == "blaq" and level_set.bits == 1:
-    alpha = safe_ratio(*fused_sums([d * jnp.abs(w), d], axes))
+    # Two plain sums, not fused_sums: XLA orders a plain sum the same with or
+    # without vmap, so a vmapped 1-bit run equals its seeds run alone (the
+    # fused reduction's rounding differs under vmap).
+    alpha = safe_ratio(jnp.sum(d * jnp.abs(w), axes), jnp.sum(d, axes))
     return alpha, level_set.codes(w)
 
   def alpha_for(beta):
