@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,6 @@ import optax
 
 from blaq_jax import parallel
 from blaq_jax import selection
-from blaq_jax.levels import LevelSet
 from blaq_jax.state import (Diagnostics, QuantizedTensor, StepCost, cosine,
                             fraction_changed, init_diagnostics, make_cost)
 

@@ -68,7 +68,6 @@ import optax
 
 from blaq_jax import parallel
 from blaq_jax import quantizers
-from blaq_jax import selection
 from blaq_jax.state import cosine
 from blaq_jax.state import dot
 from blaq_jax import engine

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import sys
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np

@@ -75,7 +75,6 @@ from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -91,9 +90,6 @@ from experiments import metrics as metrics_lib
 from experiments import models as models_lib
 from experiments import zigzag
 from experiments.checkpointing import ConfigMismatchError
-from experiments.checkpointing import quiet_orbax_logging
-from experiments.input_pipeline import global_batch, make_mesh
-from experiments.metrics import TIMING_KEYS, read_jsonl
 
 METHODS = tuple(sorted(methods.METHODS))
 # Methods with a schedule over the run's total steps: num_epochs is part of
