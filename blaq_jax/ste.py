@@ -1,36 +1,8 @@
 """Straight-through (STE) training: generic STE, BinaryConnect, BWN, TWN.
 
-The model computes with the quantized weights ``q_t``; the transform keeps
-the latent weights ``w_t`` in its state. Per quantized tensor, with ``g`` the
-gradient of the loss at ``q_t`` (what the transform receives as ``updates``)
-and ``alpha_t`` the scale of ``q_t``:
-
-.. math::
-
-  \\tilde g_t = g \\odot S'(w_t / \\alpha_t), \\qquad
-  w_{t+1} = w_t + \\operatorname{opt}(\\tilde g_t), \\qquad
-  q_{t+1} = \\alpha_{t+1} \\operatorname{nearest}_Q(w_{t+1} / \\alpha_{t+1}),
-
-where ``S'`` is the surrogate derivative of :mod:`blaq_jax.quantizers`,
-``opt`` an inner Optax optimizer (Adam by default) applied to the latent
-weights, and ``alpha_{t+1}`` the scale rule's value at ``w_{t+1}``. The
-transform emits ``updates = q_{t+1} - params``, so ``optax.apply_updates``
-lands on the level set, like :func:`blaq_jax.laq`. Full-precision leaves get
-the inner optimizer's update of their plain gradient.
-
-=================  ========  ==========  ===========  =====================
-method             levels    scale       surrogate    latent
-=================  ========  ==========  ===========  =====================
-binary_connect     sign      1           hardtanh     clipped to [-1, 1]
-bwn                sign      mean |w|    identity     free
-twn                ternary   TWN rule    identity     free
-=================  ========  ==========  ===========  =====================
-
-Leaf selection and per-leaf bit widths follow :mod:`blaq_jax.selection`
-(default: dense/conv kernels). A leaf at 1 bit uses the sign quantizer, a leaf
-at ``k >= 2`` bits the level set ``LevelSet(level_set, k)`` (``"linear"``:
-the symmetric uniform grid with zero, ``2^k - 1`` levels, so 2 bits is
-ternary).
+One engine rule: an inner Optax optimizer steps the latent weights on
+``g * S'(w / alpha)``, and the scale rule projects them. Math and the table of
+the family: ``docs/methods.rst``, section "Straight-through baselines".
 """
 
 from __future__ import annotations
@@ -56,16 +28,13 @@ STE_OPTIONS = dict(optimizer=None, quantizer="sign", bits=None,
 
 
 class STEState(NamedTuple):
-  """The rule state of the STE family, :func:`blaq_jax.fogzo` and
-  :func:`blaq_jax.n_spsa` (inside
-  :class:`~blaq_jax.engine.QuantizedLatentState`, field ``rule``).
+  """The rule state of the STE family, FOGZO and n-SPSA.
 
   Attributes:
-    inner: state of the inner Optax optimizer (whose params are the latent
-      weights at quantized leaves and the params elsewhere).
-    estimator: state of the gradient estimator replacing the STE gradient
-      (:class:`blaq_jax.fogzo.FOGZOState`; ``optax.EmptyState()`` for plain
-      STE).
+    inner: state of the inner Optax optimizer (its params: the latent weights
+      at quantized leaves, the params elsewhere).
+    estimator: :class:`blaq_jax.fogzo.FOGZOState`, or ``optax.EmptyState()``
+      for plain STE.
   """
 
   inner: Any
@@ -73,15 +42,9 @@ class STEState(NamedTuple):
 
 
 class Estimator(NamedTuple):
-  """A replacement for the STE gradient of the quantized leaves (internal).
+  """Replaces the STE gradient of the quantized leaves (:mod:`blaq_jax.fogzo`).
 
-  ``init()`` returns its state; ``update(state, *, count, grads, latent,
-  steps, surrogate, perturbed_params, extra_args)`` returns the new
-  gradients (a list over quantized leaves, in ``jax.tree.leaves`` order), its
-  new state and the number of loss evaluations it made. ``steps`` are the
-  quantization steps of ``q_t`` broadcast against each leaf;
-  ``perturbed_params(latents)`` re-quantizes latent weights and returns the
-  params tree the model would see.
+  ``update(state, **kw) -> (gradients, state, loss evaluations)``.
   """
 
   init: Callable[[], Any]
@@ -89,87 +52,20 @@ class Estimator(NamedTuple):
   needs: tuple = ()
 
 
-def straight_through_rule(optimizer: optax.GradientTransformation,
-                          surrogate: str, scale: quantizers.Scale,
-                          threshold: float,
-                          estimator: Optional[Estimator] = None):
-  """The :class:`~blaq_jax.engine.Rule` of the STE family (module doc)."""
-
-  def init(params, quantized):
-    del quantized
-    return STEState(optimizer.init(params),
-                    estimator.init() if estimator else optax.EmptyState())
-
-  def step(ctx, state):
-    treedef = jax.tree.structure(ctx.params)
-    leaves = treedef.flatten_up_to(ctx.params)
-    q_ix = [i for i, qi in enumerate(ctx.is_quantized) if qi]
-    alpha = {i: _expand(ctx.quantized[i].alpha, leaves[i].ndim,
-                        ctx.quantized[i].channel_axis) for i in q_ix}
-    g_q = [ctx.grads[i] * quantizers.surrogate_grad(
-        surrogate, ctx.latent[i] / alpha[i]) for i in q_ix]
-    est_state, losses, finite = state.estimator, 0, True
-    if estimator is not None:
-      def perturbed_params(latents):
-        ws = list(ctx.latent)
-        for k, i in enumerate(q_ix):
-          ws[i] = latents[k]
-        return ctx.params_at(ctx.project(ws, None))
-
-      g_q, est_state, losses = estimator.update(
-          state.estimator, count=ctx.count, grads=g_q,
-          latent=[ctx.latent[i] for i in q_ix],
-          steps=[quantizers.step_size(alpha[i], ctx.quantized[i].level_set)
-                 for i in q_ix],
-          surrogate=surrogate, perturbed_params=perturbed_params,
-          extra_args=ctx.extra_args)
-      finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in g_q]).all() if (
-          g_q) else True
-    grads = list(ctx.grads)
-    for k, i in enumerate(q_ix):
-      grads[i] = g_q[k]
-    inner_params = [w.astype(p.dtype) for w, p in zip(ctx.latent, leaves)]
-    inner_updates, inner_state = optimizer.update(
-        treedef.unflatten([x.astype(p.dtype) for x, p in zip(grads, leaves)]),
-        state.inner, treedef.unflatten(inner_params))
-    w = [x + u.astype(jnp.float32) for x, u in
-         zip(ctx.latent, treedef.flatten_up_to(inner_updates))]
-    return engine.Step(latent=w, weight=None,
-                       rule=STEState(inner_state, est_state), finite=finite,
-                       losses=losses)
-
-  def project(w, d, level_set, prev, *, channel_axis, tol, max_iter):
-    del d
-    return quantizers.quantize_latent(
-        w, level_set, scale, channel_axis=channel_axis, threshold=threshold,
-        prev_codes=None if prev is None else prev.codes,
-        prev_alpha=None if prev is None else prev.alpha,
-        tol=tol, max_iter=max_iter)
-
-  return engine.Rule(init, step, project,
-                     estimator.needs if estimator else ())
-
-
-def straight_through(
-    learning_rate: Optional[ScalarOrSchedule], *,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    quantizer: str = "sign", bits: Optional[int] = None,
-    level_set: str = "linear", surrogate: Optional[str] = None,
-    scale: quantizers.Scale = "fit", threshold: float = 0.7,
-    estimator: Optional[Estimator] = None, who: str = "ste", **options,
-) -> optax.GradientTransformationExtraArgs:
-  """The transform of :func:`ste`'s arguments with an optional estimator
-  (:mod:`blaq_jax.fogzo`); ``who`` names the method in error messages."""
-  if quantizer not in QUANTIZERS:
-    raise ValueError(f"{who}: unknown quantizer={quantizer!r}; expected one "
-                     f"of {QUANTIZERS}.")
-  if level_set not in KINDS:
-    raise ValueError(f"{who}: unknown level_set={level_set!r}; expected one "
-                     f"of {KINDS}.")
+def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
+                     bits=None, level_set="linear", surrogate=None,
+                     scale="fit", threshold=0.7, estimator=None, who="ste",
+                     **options) -> optax.GradientTransformationExtraArgs:
+  """:func:`ste` whose STE gradient an ``estimator`` (:mod:`blaq_jax.fogzo`)
+  may replace; ``who`` names the method in error messages."""
+  for name, value, known in (("quantizer", quantizer, QUANTIZERS),
+                             ("level_set", level_set, KINDS)):
+    if value not in known:
+      raise ValueError(f"{who}: unknown {name}={value!r}; expected one of "
+                       f"{known}.")
   native = {"sign": 1, "ternary": 2}.get(quantizer)
-  if bits is None:
-    bits = native or 2
-  bits = check_bits(bits, "blaq", where="bits")
+  bits = check_bits((native or 2) if bits is None else bits, "blaq",
+                    where="bits")
   if native is not None and bits != native:
     raise ValueError(
         f"{who}: quantizer={quantizer!r} has {native} bit(s), got bits={bits}"
@@ -190,62 +86,89 @@ def straight_through(
             LevelSet(kind, b)
             for b in selection.resolve_bits(params, quantize, bits, "blaq")]
 
-  rule = straight_through_rule(optimizer, surrogate, scale, threshold,
-                               estimator)
+  def init(params, quantized):
+    del quantized
+    return STEState(optimizer.init(params),
+                    estimator.init() if estimator else optax.EmptyState())
+
+  def step(ctx, state):
+    treedef = jax.tree.structure(ctx.params)
+    leaves = treedef.flatten_up_to(ctx.params)
+    q_ix = [i for i, qi in enumerate(ctx.is_quantized) if qi]
+
+    def put(xs, new):  # xs with the quantized leaves replaced by new
+      new = dict(zip(q_ix, new))
+      return [new.get(i, x) for i, x in enumerate(xs)]
+
+    qts = [ctx.quantized[i] for i in q_ix]
+    alpha = [_expand(qt.alpha, leaves[i].ndim, qt.channel_axis)
+             for i, qt in zip(q_ix, qts)]
+    g_q = [ctx.grads[i] * quantizers.surrogate_grad(surrogate,
+                                                    ctx.latent[i] / a)
+           for i, a in zip(q_ix, alpha)]
+    est_state, losses, finite = state.estimator, 0, True
+    if estimator is not None:
+      g_q, est_state, losses = estimator.update(
+          state.estimator, count=ctx.count, grads=g_q,
+          latent=[ctx.latent[i] for i in q_ix],
+          steps=[quantizers.step_size(a, qt.level_set)
+                 for a, qt in zip(alpha, qts)],
+          surrogate=surrogate, perturbed_params=lambda ws: ctx.params_at(
+              ctx.project(put(ctx.latent, ws), None)),
+          extra_args=ctx.extra_args)
+      finite = jnp.stack([jnp.isfinite(x).all() for x in g_q]).all() if (
+          g_q) else True
+    as_params = lambda xs: treedef.unflatten(  # noqa: E731
+        [x.astype(p.dtype) for x, p in zip(xs, leaves)])
+    updates, inner = optimizer.update(as_params(put(ctx.grads, g_q)),
+                                      state.inner, as_params(ctx.latent))
+    w = [x + u.astype(jnp.float32)
+         for x, u in zip(ctx.latent, treedef.flatten_up_to(updates))]
+    return engine.Step(latent=w, weight=None, rule=STEState(inner, est_state),
+                       finite=finite, losses=losses)
+
+  def project(w, d, level_set, prev, **kw):  # kw: channel_axis, tol, max_iter
+    del d
+    return quantizers.quantize_latent(
+        w, level_set, scale, threshold=threshold, **kw,
+        prev_codes=getattr(prev, "codes", None),
+        prev_alpha=getattr(prev, "alpha", None))
+
+  rule = engine.Rule(init, step, project, estimator.needs if estimator else ())
   return engine.quantized_latent(rule, level_sets, who=who, **options)
 
 
 @engine.with_options()
-def ste(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    quantizer: str = "sign",
-    bits: Optional[int] = None,
-    level_set: str = "linear",
-    surrogate: Optional[str] = None,
-    scale: quantizers.Scale = "fit",
-    threshold: float = 0.7,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
-  """Straight-through training of quantized weights.
+def ste(learning_rate: Optional[ScalarOrSchedule], *,
+        optimizer: Optional[optax.GradientTransformation] = None,
+        quantizer: str = "sign", bits: Optional[int] = None,
+        level_set: str = "linear", surrogate: Optional[str] = None,
+        scale: quantizers.Scale = "fit", threshold: float = 0.7,
+        **options) -> optax.GradientTransformationExtraArgs:
+  """Straight-through training of quantized weights (:ref:`ste-rule`).
 
   .. math::
 
-    \\tilde g = g \\odot S'(w / \\alpha),\\quad
-    w \\leftarrow w + \\operatorname{opt}(\\tilde g),\\quad
+    w \\leftarrow w + \\operatorname{opt}(g \\odot S'(w / \\alpha)),\\qquad
     q = \\alpha\\, \\operatorname{nearest}_Q(w / \\alpha)
 
   Args:
-    learning_rate: float or Optax schedule of the default inner optimizer
-      (``optax.adam``); may be ``None`` when ``optimizer`` is given.
-    optimizer: inner Optax optimizer of the latent weights (and of the
-      full-precision leaves); default ``optax.adam(learning_rate)``.
-    quantizer: ``"sign"`` (1 bit, ``{-1, +1}``), ``"ternary"`` (2 bits,
-      ``{-1, 0, 1}``) or ``"uniform"`` (``bits`` bits on the level set
-      ``level_set``).
-    bits: default width of quantized leaves (``"uniform"``: default 2).
-      Leaves given another width by ``quantize`` use the sign quantizer at 1
-      bit and ``LevelSet(level_set, k)`` at ``k`` bits.
-    level_set: level-set kind of multi-bit leaves: ``"linear"`` (default,
-      uniform with zero), ``"blaq"`` (``2^k`` levels, no zero) or ``"log"``.
-    surrogate: STE surrogate, one of
-      :data:`blaq_jax.quantizers.SURROGATES`, in units of ``alpha``; default
-      ``"hardtanh"`` for ``"sign"``, ``"identity"`` otherwise.
-    scale: scale rule (:func:`blaq_jax.quantizers.quantize_latent`):
-      ``"fit"`` (least squares; ``mean |w|`` at 1 bit), ``"twn"``, ``"max"``
-      or a fixed positive float.
+    learning_rate: of the default inner ``optax.adam`` (``None`` if
+      ``optimizer`` is given).
+    optimizer: inner Optax optimizer of the latent weights and of the
+      full-precision leaves.
+    quantizer: ``"sign"`` (1 bit), ``"ternary"`` (2 bits) or ``"uniform"``.
+    bits: default width of quantized leaves (``"uniform"``: 2); a leaf at
+      ``k >= 2`` bits uses ``LevelSet(level_set, k)``, at 1 bit the sign.
+    level_set: ``"linear"`` (with zero), ``"blaq"`` (no zero) or ``"log"``.
+    surrogate: one of :data:`blaq_jax.quantizers.SURROGATES` (default
+      ``"hardtanh"`` for ``"sign"``, else ``"identity"``).
+    scale: ``"fit"`` (least squares), ``"twn"``, ``"max"`` or a fixed float.
     threshold: TWN's threshold factor (``scale="twn"``).
-    **options: the engine's options, common to every quantizing method:
-      ``quantize``, ``channel_axis``, ``clip_latent``, ``preprocess``,
-      ``diagnostics``, ``batch_axis_name``, ``tol``, ``max_iter``
-      (``"fit"``'s tolerance and round cap); see
-      :func:`blaq_jax.engine.quantized_latent`.
+    **options: the engine's options, :func:`blaq_jax.engine.quantized_latent`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; its ``update`` takes
-    ``(grads, state, params)`` with ``grads`` the gradient at the quantized
-    params and ignores extra keyword arguments.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, blaq_jax
@@ -267,65 +190,53 @@ def ste(
 
 
 @engine.with_options(clip_latent=1.0, channel_axis=engine.DROP)
-def binary_connect(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def binary_connect(learning_rate: Optional[ScalarOrSchedule], *,
+                   optimizer: Optional[optax.GradientTransformation] = None,
+                   **options) -> optax.GradientTransformationExtraArgs:
   """BinaryConnect (Courbariaux et al. 2015): ``q = sign(w)``.
 
-  Sign with a fixed scale of 1, the hardtanh STE ``g 1[|w| <= 1]`` and the
-  latent weights clipped to ``[-1, 1]``. Leaves given ``k >= 2`` bits by
-  ``quantize`` use the ``"linear"`` grid on ``[-1, 1]``.
+  Scale 1, the hardtanh STE ``g 1[|w| <= 1]``, latent weights clipped to
+  ``[-1, 1]``; leaves given ``k >= 2`` bits use the ``"linear"`` grid.
 
   Args:
-    learning_rate: float or schedule of the default inner Adam.
-    optimizer: inner optimizer instead of Adam.
-    **options: the engine's options as in :func:`ste` (no
-      ``channel_axis``: the scale is 1); ``clip_latent`` defaults to 1.
+    learning_rate, optimizer: as in :func:`ste`.
+    **options: the engine's options; no ``channel_axis``, ``clip_latent=1``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, blaq_jax
+    >>> import jax.numpy as jnp, optax, blaq_jax
     >>> params = {"kernel": jnp.array([[0.3, -0.2]])}
     >>> opt = blaq_jax.binary_connect(0.1)
-    >>> state = opt.init(params)
-    >>> updates, state = opt.update({"kernel": jnp.array([[1.0, 1.0]])},
-    ...                             state, params)
+    >>> updates, _ = opt.update({"kernel": jnp.array([[1.0, 1.0]])},
+    ...                         opt.init(params), params)
     >>> optax.apply_updates(params, updates)["kernel"].tolist()
     [[1.0, -1.0]]
   """
   return straight_through(
-      learning_rate, optimizer=optimizer, quantizer="sign", surrogate=
-      "hardtanh", scale=1.0, who="binary_connect", **options)
+      learning_rate, optimizer=optimizer, quantizer="sign",
+      surrogate="hardtanh", scale=1.0, who="binary_connect", **options)
 
 
 @engine.with_options()
-def bwn(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    surrogate: str = "identity",
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def bwn(learning_rate: Optional[ScalarOrSchedule], *,
+        optimizer: Optional[optax.GradientTransformation] = None,
+        surrogate: str = "identity",
+        **options) -> optax.GradientTransformationExtraArgs:
   """Binary-weight networks (XNOR-Net's BWN, Rastegari et al. 2016).
 
   .. math::
 
     q = \\alpha\\, \\operatorname{sign}(w),\\qquad
-    \\alpha = \\frac{1}{n} \\sum_i |w_i|
+    \\alpha = \\tfrac{1}{n} \\textstyle\\sum_i |w_i|
 
-  per tensor, or per slice of ``channel_axis``; the STE gradient
-  ``g S'(w / alpha)`` with the identity surrogate by default.
+  per tensor, or per slice of ``channel_axis``.
 
   Args:
-    learning_rate, optimizer: as in :func:`ste`.
-    surrogate: STE surrogate (default identity).
-    **options: the engine's options as in :func:`ste`; ``channel_axis``:
-      ``None`` (per tensor) or the axis with its own ``alpha``.
+    learning_rate, optimizer, surrogate: as in :func:`ste` (default
+      identity surrogate).
+    **options: the engine's options, :func:`blaq_jax.engine.quantized_latent`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -343,14 +254,10 @@ def bwn(
 
 
 @engine.with_options()
-def twn(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    threshold: float = 0.7,
-    surrogate: str = "identity",
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def twn(learning_rate: Optional[ScalarOrSchedule], *,
+        optimizer: Optional[optax.GradientTransformation] = None,
+        threshold: float = 0.7, surrogate: str = "identity",
+        **options) -> optax.GradientTransformationExtraArgs:
   """Ternary weight networks (Li et al. 2016).
 
   .. math::
@@ -360,16 +267,14 @@ def twn(
     \\alpha = \\tfrac{1}{|I|} \\textstyle\\sum_{i \\in I} |w_i|,\\quad
     q_i = \\alpha \\operatorname{sign}(w_i) 1[i \\in I]
 
-  with ``t = 0.7``, and the identity STE. Leaves given another width by
-  ``quantize`` use the least-squares scale (TWN's rule approximates it for
-  ternary weights).
+  Leaves given another width by ``quantize`` use the least-squares scale.
 
   Args:
-    learning_rate, optimizer: as in :func:`ste`.
+    learning_rate, optimizer, surrogate: as in :func:`ste` (default
+      identity surrogate).
     threshold: ``t``.
-    surrogate: STE surrogate (default identity).
-    **options: the engine's options as in :func:`ste`; ``channel_axis``:
-      ``None`` (per tensor) or the axis with its own ``Delta, alpha``.
+    **options: the engine's options; ``channel_axis`` gives each slice its
+      own ``Delta, alpha``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
