@@ -1,59 +1,8 @@
 """FOGZO and n-SPSA: zeroth-order corrections of the straight-through gradient.
 
-FOGZO (Yang & Aamodt, NeurIPS 2025) keeps the straight-through estimator's
-direction but takes its sign and length from finite differences of the
-*quantized* network's loss. Per active step, with the STE gradient ``g`` of
-the quantized leaves (see :mod:`blaq_jax.ste`) and the finite-difference step
-``eps = eps_scale * eps_bar * step`` (``step`` the quantization step ``alpha``
-times the smallest positive level, ``eps_bar`` from the STE's smoothing table
-in :mod:`blaq_jax.quantizers`), in the coordinates ``x = w / eps`` where the
-STE's implied noise has unit variance:
-
-.. math::
-
-  \\hat g = \\frac{\\operatorname{eps} \\odot g}
-                  {\\lVert \\operatorname{eps} \\odot g \\rVert},\\qquad
-  v_i = \\sqrt{\\beta}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta}\\, u_i,
-
-  G = \\frac{1}{n} \\sum_{i=1}^{n}
-      \\frac{L(Q(w + \\operatorname{eps} \\odot v_i))
-             - L(Q(w - \\operatorname{eps} \\odot v_i))}{2}
-      \\; \\frac{v_i}{\\operatorname{eps}}
-
-with ``s_i`` a random sign and ``u_i`` unit-variance noise from the STE's
-matching distribution (:func:`blaq_jax.quantizers.sample_noise`). For one
-scalar ``eps`` this is the paper's ``G = (1/n) sum [L(w + eps v) -
-L(w - eps v)] / (2 eps) v``. ``G`` replaces the STE gradient of the quantized
-leaves in the unchanged inner optimizer; full-precision leaves keep their
-backprop gradients. ``beta = 0`` is n-SPSA (:func:`n_spsa`, the same code).
-
-Choices left open by the paper (``FOGZO.md``), fixed here:
-
-* **norm** (``norm="global"``, default): ``g_hat`` is normalised over all
-  quantized leaves together, so one direction spans the whole quantized
-  parameter vector and each direction costs one pair of forward passes.
-  ``norm="per_layer"`` normalises each leaf's block to length
-  ``sqrt(d_l / d)`` (``d_l`` its size, ``d`` the total): the concatenated
-  direction still has unit length, but layers are weighted by size instead
-  of by their share of the gradient norm.
-* **re-quantization**: the *latent* weights are perturbed and quantized again
-  with the transform's own rule (scale rule included, warm-started from
-  ``q_t``), so ``L(Q(.))`` is the loss the model would really see.
-* **several scales**: with per-leaf or per-channel ``eps`` the estimate is
-  formed in ``x = w / eps`` and mapped back (``v / eps`` above), which keeps
-  ``G`` parallel to ``g`` when ``beta = 1``.
-* **randomness**: a PRNG key in the state (``seed``), split once per step, so
-  runs are reproducible; under ``pmap`` with ``batch_axis_name`` all devices
-  hold the same key (the state is replicated), draw the same directions and
-  average (``lax.pmean``) the finite differences of their shards.
-
-Expectation (exact when ``L o Q`` is quadratic along the directions, e.g. a
-quadratic loss at fine resolution):
-
-.. math::
-
-  E[G_x] = \\left(\\beta\\, \\hat g \\hat g^\\top + (1 - \\beta) I\\right)
-           \\nabla_x L_s .
+On active steps, finite differences of the quantized network's loss along
+random directions replace the STE gradient of :mod:`blaq_jax.ste`. Math and
+the choices the paper leaves open: ``docs/methods.rst``, "FOGZO and n-SPSA".
 """
 
 from __future__ import annotations
@@ -66,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from blaq_jax import engine
 from blaq_jax import parallel
 from blaq_jax import quantizers
-from blaq_jax.state import cosine
-from blaq_jax.state import dot
-from blaq_jax import engine
+from blaq_jax.state import cosine, dot
 from blaq_jax.ste import STE_OPTIONS, Estimator, ScalarOrSchedule
 from blaq_jax.ste import straight_through
 
@@ -85,9 +33,8 @@ class FOGZOState(NamedTuple):
     key: the PRNG key (``jax.random.PRNGKey`` data), split once per step.
     active: whether the last step used the zeroth-order estimate.
     beta: ``beta`` of the last step.
-    finite_difference: mean over the directions of
-      ``|L(w + eps v) - L(w - eps v)| / 2`` at the last active step (0 on
-      inactive steps).
+    finite_difference: mean of ``|L(w + eps v) - L(w - eps v)| / 2`` over
+      the directions of the last step (0 on inactive steps).
     grad_cosine: cosine between the gradient given to the inner optimizer
       and the STE gradient, quantized leaves together (1 on STE steps).
   """
@@ -99,7 +46,8 @@ class FOGZOState(NamedTuple):
   grad_cosine: jax.Array
 
 
-def _check_static_int(name, value, low):
+def _static_int(name, value, low):
+  """``value`` as an int >= ``low``; TypeError for a traced value."""
   if isinstance(value, (jax.Array, jax.core.Tracer)):
     raise TypeError(
         f"{name} must be a static Python int, got a JAX array (a traced or "
@@ -112,28 +60,44 @@ def _check_static_int(name, value, low):
   return int(value)
 
 
+def _check_estimate_args(n, directions_batch, norm, beta):
+  """Validates the arguments :func:`fogzo_gradient` shares with the
+  transforms; returns ``n`` and ``directions_batch`` as ints."""
+  if norm not in NORMS:
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+  if beta is not None:
+    engine.check_unit_interval("beta", beta)
+  return _static_int("n", n, 1), (
+      None if directions_batch is None else
+      _static_int("directions_batch", directions_batch, 1))
+
+
 def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
                    key, *, beta, n: int = 1, noise: str = "identity",
                    norm: str = "global", axis_name: Optional[str] = None,
                    directions_batch: Optional[int] = None):
-  """The FOGZO estimate (module doc) of ``loss`` at ``latent``.
+  """The FOGZO estimate ``G`` at ``latent`` (:ref:`fogzo-rule`).
+
+  .. math::
+
+    v_i = \\sqrt{\\beta}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta}\\, u_i,\\qquad
+    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i)
+        - L(w - \\epsilon v_i)}{2} \\frac{v_i}{\\epsilon}
 
   Args:
-    loss: ``latent-like pytree -> scalar`` (for the transforms: the quantized
-      network's loss on the current minibatch, after re-quantization).
+    loss: ``latent-like pytree -> scalar``.
     latent: pytree of arrays, the point ``w``.
     ste_grad: pytree like ``latent``, the STE gradient ``g`` (only its
-      direction is used; unused when ``beta = 0``).
-    eps: pytree like ``latent`` of step sizes broadcastable to each leaf.
+      direction is used).
+    eps: pytree like ``latent`` of steps broadcastable to each leaf.
     key: a ``jax.random.PRNGKey``.
     beta: weight of the STE direction in ``[0, 1]`` (``0``: n-SPSA).
     n: number of directions (``2 n`` evaluations of ``loss``).
-    noise: surrogate whose noise distribution to draw ``u`` from.
-    norm: ``"global"`` or ``"per_layer"`` normalisation of ``g``.
-    axis_name: if set, the finite differences are averaged over this
-      ``pmap``/``shard_map`` axis.
+    noise: the surrogate whose noise ``u`` is drawn.
+    norm: ``"global"`` or ``"per_layer"`` normalisation of ``eps * g``.
+    axis_name: average the finite differences over this mapped axis.
     directions_batch: evaluate this many directions at once under ``vmap``
-      (``None``: one at a time, a ``lax.scan``).
+      (``None``: one at a time).
 
   Returns:
     ``(G, fds)``: the estimate (pytree like ``latent``) and the ``n`` finite
@@ -150,14 +114,8 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
     >>> jnp.round(G["a"], 4).tolist()
     [2.0, -4.0]
   """
-  n = _check_static_int("n", n, 1)
-  if directions_batch is not None:
-    directions_batch = _check_static_int("directions_batch",
-                                         directions_batch, 1)
+  n, directions_batch = _check_estimate_args(n, directions_batch, norm, beta)
   quantizers.check_surrogate(noise, where="noise")
-  if norm not in NORMS:
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-  engine.check_unit_interval("beta", beta)
   w, treedef = jax.tree.flatten(latent)
   w = [x.astype(jnp.float32) for x in w]
   g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(ste_grad)]
@@ -197,87 +155,33 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
     fd = (at(1.0) - at(-1.0)) / 2
     return parallel.pmean(fd, axis_name, who="fogzo_gradient")
 
+  def add(acc, v, fd):
+    return [a + fd * vi for a, vi in zip(acc, v)]
+
   keys = jax.random.split(key, n)
   zeros = [jnp.zeros_like(x) for x in w]
-  if directions_batch is None or directions_batch == 1:
+  if directions_batch in (None, 1):  # one scan: each direction drawn once
     def body(acc, k):
       v = direction(k)
       fd = evaluate(v)
-      return [a + fd * vi for a, vi in zip(acc, v)], fd
+      return add(acc, v, fd), fd
     acc, fds = jax.lax.scan(body, zeros, keys)
-  else:
+  else:  # the losses batched, then the directions drawn again to sum them
     fds = jax.lax.map(lambda k: evaluate(direction(k)), keys,
                       batch_size=directions_batch)
-    acc, _ = jax.lax.scan(
-        lambda acc, kf: ([a + kf[1] * vi for a, vi in
-                          zip(acc, direction(kf[0]))], None),
-        zeros, (keys, fds))
-  out = [a / (n * ei) for a, ei in zip(acc, e)]
-  return treedef.unflatten(out), fds
-
-
-def _zo_estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
-                  active, seed, batch_axis_name, directions_batch, who):
-  """The :class:`blaq_jax.ste.Estimator` of FOGZO / n-SPSA."""
-
-  def beta_at(count):
-    if beta is not None:
-      return jnp.asarray(beta(count) if callable(beta) else beta,
-                         jnp.float32)
-    t = jnp.asarray(count, jnp.float32)
-    steps = jnp.asarray(beta_decay_steps, jnp.float32)
-    frac = jnp.where(steps > 0, jnp.minimum(t / jnp.maximum(steps, 1.0), 1.0),
-                     1.0)
-    return 1.0 - (1.0 - jnp.asarray(beta_min, jnp.float32)) * frac
-
-  def init():
-    z = jnp.zeros([], jnp.float32)
-    return FOGZOState(key=jax.random.PRNGKey(seed),
-                      active=jnp.zeros([], jnp.bool_), beta=z,
-                      finite_difference=z, grad_cosine=z)
-
-  def update(state, *, count, grads, latent, steps, surrogate,
-             perturbed_params, extra_args):
-    loss_fn = extra_args["loss_fn"]
-    key, sub = jax.random.split(state.key)
-    b = beta_at(count)
-    eps = [eps_scale * quantizers.EPS_BAR[surrogate] * s for s in steps]
-
-    def zo(_):
-      est, fds = fogzo_gradient(
-          lambda ws: loss_fn(perturbed_params(ws)), latent, grads, eps, sub,
-          beta=b, n=n, noise=surrogate, norm=norm, axis_name=batch_axis_name,
-          directions_batch=directions_batch)
-      return est, jnp.mean(jnp.abs(fds))
-
-    def plain(_):
-      return list(grads), jnp.zeros([], jnp.float32)
-
-    on = engine.is_active(active, count)
-    est, fd = engine.select(on, zo, plain, None)
-    return est, FOGZOState(key=key, active=jnp.asarray(on, jnp.bool_),
-                           beta=b, finite_difference=fd,
-                           grad_cosine=cosine(est, grads)), (
-                               2 * n * jnp.asarray(on, jnp.int32))
-
-  return Estimator(init, update, ("loss_fn",))
+    acc, _ = jax.lax.scan(lambda acc, kf: (add(acc, direction(kf[0]), kf[1]),
+                                           None), zeros, (keys, fds))
+  return treedef.unflatten([a / (n * ei) for a, ei in zip(acc, e)]), fds
 
 
 def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
                   eps_scale, norm, active, seed, directions_batch, who,
-                  **ste_kwargs):
-  batch_axis_name = ste_kwargs.get("batch_axis_name")
-  n = _check_static_int("n", n, 1)
-  if directions_batch is not None:
-    directions_batch = _check_static_int("directions_batch",
-                                         directions_batch, 1)
-  if beta is not None:
-    engine.check_unit_interval("beta", beta)
+                  **ste_options):
+  """The STE transform whose estimator is FOGZO (n-SPSA: ``beta = 0``)."""
+  n, directions_batch = _check_estimate_args(n, directions_batch, norm, beta)
   engine.check_unit_interval("beta_min", beta_min)
   if not isinstance(beta_decay_steps, (jax.Array, jax.core.Tracer)):
-    _check_static_int("beta_decay_steps", beta_decay_steps, 0)
-  if norm not in NORMS:
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+    _static_int("beta_decay_steps", beta_decay_steps, 0)
   if not isinstance(eps_scale, jax.core.Tracer) and not (
       np.ndim(eps_scale) == 0 and float(eps_scale) > 0):
     raise ValueError(f"eps_scale must be a positive scalar, got "
@@ -286,73 +190,90 @@ def _zeroth_order(learning_rate, *, beta, beta_min, beta_decay_steps, n,
   if isinstance(seed, (bool, np.bool_)) or not isinstance(
       seed, (int, np.integer, jax.Array)):
     raise TypeError(f"seed must be an int, got {seed!r}.")
-  est = _zo_estimator(beta=beta, beta_min=beta_min,
-                      beta_decay_steps=beta_decay_steps, n=n,
-                      eps_scale=eps_scale, norm=norm, active=active,
-                      seed=seed, batch_axis_name=batch_axis_name,
-                      directions_batch=directions_batch, who=who)
-  return straight_through(learning_rate, estimator=est, who=who,
-                          **ste_kwargs)
+
+  def beta_at(count):
+    if beta is not None:
+      return jnp.asarray(beta(count) if callable(beta) else beta,
+                         jnp.float32)
+    steps = jnp.asarray(beta_decay_steps, jnp.float32)
+    frac = jnp.where(steps > 0, jnp.minimum(
+        jnp.asarray(count, jnp.float32) / jnp.maximum(steps, 1.0), 1.0), 1.0)
+    return 1.0 - (1.0 - jnp.asarray(beta_min, jnp.float32)) * frac
+
+  def init():
+    z = jnp.zeros([], jnp.float32)
+    return FOGZOState(jax.random.PRNGKey(seed), jnp.zeros([], jnp.bool_), z,
+                      z, z)
+
+  def update(state, *, count, grads, latent, steps, surrogate,
+             perturbed_params, extra_args):
+    key, sub = jax.random.split(state.key)
+    b = beta_at(count)
+    eps = [eps_scale * quantizers.EPS_BAR[surrogate] * s for s in steps]
+
+    def zo(_):
+      loss_fn = extra_args["loss_fn"]
+      est, fds = fogzo_gradient(
+          lambda ws: loss_fn(perturbed_params(ws)), latent, grads, eps, sub,
+          beta=b, n=n, noise=surrogate, norm=norm,
+          axis_name=ste_options.get("batch_axis_name"),
+          directions_batch=directions_batch)
+      return est, jnp.mean(jnp.abs(fds))
+
+    on = engine.is_active(active, count)
+    est, fd = engine.select(
+        on, zo, lambda _: (list(grads), jnp.zeros([], jnp.float32)), None)
+    on = jnp.asarray(on, jnp.bool_)
+    return est, FOGZOState(key, on, b, fd, cosine(est, grads)), (
+        2 * n * on.astype(jnp.int32))
+
+  return straight_through(learning_rate, who=who, **ste_options,
+                          estimator=Estimator(init, update, ("loss_fn",)))
 
 
 @engine.with_options(**STE_OPTIONS)
-def fogzo(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    beta_min: float = 0.999,
-    beta_decay_steps: int = 0,
-    beta: Optional[ScalarOrSchedule] = None,
-    n: int = 1,
-    eps_scale: float = 1.0,
-    norm: str = "global",
-    active: Active = 1,
-    seed: int = 0,
-    directions_batch: Optional[int] = None,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def fogzo(learning_rate: Optional[ScalarOrSchedule], *,
+          beta_min: float = 0.999, beta_decay_steps: int = 0,
+          beta: Optional[ScalarOrSchedule] = None, n: int = 1,
+          eps_scale: float = 1.0, norm: str = "global", active: Active = 1,
+          seed: int = 0, directions_batch: Optional[int] = None,
+          **options) -> optax.GradientTransformationExtraArgs:
   """First-order-guided zeroth-order training (Yang & Aamodt, 2025).
 
   :func:`blaq_jax.ste` whose STE gradient of the quantized leaves is replaced
-  on active steps by the FOGZO estimate ``G`` (module doc); ``update`` needs
-  the keyword argument ``loss_fn(params) -> scalar``, the loss on the same
-  minibatch as the gradient, and calls it ``2 n`` times.
+  on active steps by the FOGZO estimate ``G`` (:ref:`fogzo-rule`, computed
+  by :func:`blaq_jax.fogzo_gradient`). ``update`` needs the keyword argument
+  ``loss_fn(params) -> scalar``, the loss on the gradient's minibatch, and
+  calls it ``2 n`` times.
 
   .. math::
 
-    v_i = \\sqrt{\\beta_t}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta_t}\\, u_i,
-    \\qquad
-    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i) - L(w - \\epsilon
-    v_i)}{2 \\epsilon} v_i
+    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i) - L(w - \\epsilon v_i)}
+        {2 \\epsilon} v_i,\\quad
+    v_i = \\sqrt{\\beta_t}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta_t}\\, u_i
 
   Args:
     learning_rate: of the default inner Adam.
     beta_min: ``beta`` decays linearly from 1 to ``beta_min`` over
-      ``beta_decay_steps`` steps and stays there (``0`` steps: constant
-      ``beta_min``). The paper's MNIST run: 0.999; for ``d`` weights
-      ``1 - beta`` should be of order ``1 / d``.
-    beta_decay_steps: length of the decay (e.g. the training length).
-    beta: overrides the schedule: a float in ``[0, 1]`` or a schedule of the
-      step count.
-    n: number of random directions per active step (static int >= 1).
+      ``beta_decay_steps`` steps, then stays (the paper's MNIST run: 0.999;
+      ``1 - beta`` of order ``1 / d`` for ``d`` weights).
+    beta_decay_steps: length of the decay (``0``: constant ``beta_min``).
+    beta: overrides the decay: a float in ``[0, 1]`` or a schedule.
+    n: random directions per active step (static int >= 1).
     eps_scale: multiplies ``eps = eps_bar * step``.
-    norm: ``"global"`` (default) or ``"per_layer"`` normalisation of the
-      STE direction (module doc).
-    active: when to use FOGZO: an int period (1 = every step) or a callable
-      ``step -> bool``, e.g. ``lambda s: s % 10 < 3`` (30% of the steps) or
-      ``lambda s: s >= 7000`` (the last 30% of 10 000). Other steps are plain
-      STE steps and call no ``loss_fn``.
+    norm: ``"global"`` or ``"per_layer"`` normalisation of the STE direction.
+    active: an int period (1 = every step) or ``step -> bool``, e.g.
+      ``lambda s: s % 10 < 3``; other steps are plain STE steps.
     seed: seed of the PRNG key kept in the state.
     directions_batch: evaluate that many directions at once with ``vmap``
-      (faster for large ``n``; ``loss_fn`` must be vmappable).
-    **options: :func:`blaq_jax.ste`'s arguments (``optimizer``,
-      ``quantizer``, ``bits``, ``level_set``, ``surrogate``, which also
-      picks ``eps_bar`` and the noise, ``scale``, ``threshold``) and the
-      engine's options; under ``pmap``/``shard_map``, ``batch_axis_name``
-      averages the finite differences over the data-parallel axis.
+      (``loss_fn`` must be vmappable).
+    **options: :func:`blaq_jax.ste`'s arguments (``surrogate`` also picks
+      ``eps_bar`` and the noise) and the engine's options
+      (``batch_axis_name`` averages the finite differences over devices).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose rule state is an
-    ``STEState`` with a ``FOGZOState`` estimator.
+    An ``optax.GradientTransformationExtraArgs``; its rule state is an
+    ``STEState`` whose estimator is a ``FOGZOState``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, blaq_jax
@@ -376,32 +297,24 @@ def fogzo(
 
 
 @engine.with_options(**STE_OPTIONS)
-def n_spsa(
-    learning_rate: Optional[ScalarOrSchedule],
-    *,
-    n: int = 1,
-    eps_scale: float = 1.0,
-    seed: int = 0,
-    directions_batch: Optional[int] = None,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
-  """n-SPSA: the zeroth-order baseline, :func:`fogzo` with ``beta = 0``.
+def n_spsa(learning_rate: Optional[ScalarOrSchedule], *, n: int = 1,
+           eps_scale: float = 1.0, seed: int = 0,
+           directions_batch: Optional[int] = None,
+           **options) -> optax.GradientTransformationExtraArgs:
+  """n-SPSA, the zeroth-order baseline: :func:`fogzo` with ``beta = 0``.
 
   .. math::
 
     G = \\frac{1}{n} \\sum_{i=1}^n
         \\frac{L(w + \\epsilon u_i) - L(w - \\epsilon u_i)}{2 \\epsilon} u_i
 
-  with ``u_i`` unit-variance noise of the surrogate's distribution and
-  ``eps = eps_scale * eps_bar * step``. The gradient passed to ``update`` is
-  used only for full-precision leaves (pass zeros if there are none and you
-  want to skip the backward pass). Needs ``loss_fn``; the variance grows with
-  the number of weights over ``n``.
+  The gradient given to ``update`` is used only at full-precision leaves
+  (pass zeros to skip the backward pass). Needs ``loss_fn``.
 
   Args:
     learning_rate, n, eps_scale, seed, directions_batch: as in
       :func:`fogzo`.
-    \*\*options: as in :func:`fogzo`.
+    \\*\\*options: as in :func:`fogzo`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -411,11 +324,10 @@ def n_spsa(
     >>> loss = lambda p: jnp.sum((p["kernel"] - 1.0) ** 2)
     >>> params = {"kernel": jnp.array([[0.5, -0.5, 0.5]])}
     >>> opt = blaq_jax.n_spsa(0.1, n=4)
-    >>> state = opt.init(params)
     >>> zeros = jax.tree.map(jnp.zeros_like, params)
-    >>> updates, state = opt.update(zeros, state, params, loss_fn=loss)
-    >>> bool(optax.tree.get(state, "active")), float(optax.tree.get(state, "beta"))
-    (True, 0.0)
+    >>> _, state = opt.update(zeros, opt.init(params), params, loss_fn=loss)
+    >>> [float(optax.tree.get(state, k)) for k in ("active", "beta")]
+    [1.0, 0.0]
   """
   return _zeroth_order(
       learning_rate, beta=0.0, beta_min=0.0, beta_decay_steps=0, n=n,
