@@ -78,11 +78,9 @@ def fogzo_gradient(loss: Callable[[Any], jax.Array], latent, ste_grad, eps,
                    directions_batch: Optional[int] = None):
   """The FOGZO estimate ``G`` at ``latent`` (:ref:`fogzo-rule`).
 
-  .. math::
-
-    v_i = \\sqrt{\\beta}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta}\\, u_i,\\qquad
-    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i)
-        - L(w - \\epsilon v_i)}{2} \\frac{v_i}{\\epsilon}
+  .. math:: v_i = \\sqrt{\\beta}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta}\\, u_i,
+    \\qquad G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i)
+    - L(w - \\epsilon v_i)}{2} \\frac{v_i}{\\epsilon}
 
   Args:
     loss: ``latent-like pytree -> scalar``.
@@ -241,15 +239,12 @@ def fogzo(learning_rate: Optional[ScalarOrSchedule], *,
   """First-order-guided zeroth-order training (Yang & Aamodt, 2025).
 
   :func:`blaq_jax.ste` whose STE gradient of the quantized leaves is replaced
-  on active steps by the FOGZO estimate ``G`` (:ref:`fogzo-rule`, computed
-  by :func:`blaq_jax.fogzo_gradient`). ``update`` needs the keyword argument
-  ``loss_fn(params) -> scalar``, the loss on the gradient's minibatch, and
-  calls it ``2 n`` times.
+  on active steps by the estimate ``G`` of :func:`blaq_jax.fogzo_gradient`
+  (:ref:`fogzo-rule`). ``update`` needs ``loss_fn(params) -> scalar``, the
+  loss on the gradient's minibatch, and calls it ``2 n`` times.
 
-  .. math::
-
-    G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i) - L(w - \\epsilon v_i)}
-        {2 \\epsilon} v_i,\\quad
+  .. math:: G = \\frac{1}{n} \\sum_i \\frac{L(w + \\epsilon v_i)
+    - L(w - \\epsilon v_i)}{2 \\epsilon} v_i,\\quad
     v_i = \\sqrt{\\beta_t}\\, s_i\\, \\hat g + \\sqrt{1 - \\beta_t}\\, u_i
 
   Args:
@@ -303,10 +298,8 @@ def n_spsa(learning_rate: Optional[ScalarOrSchedule], *, n: int = 1,
            **options) -> optax.GradientTransformationExtraArgs:
   """n-SPSA, the zeroth-order baseline: :func:`fogzo` with ``beta = 0``.
 
-  .. math::
-
-    G = \\frac{1}{n} \\sum_{i=1}^n
-        \\frac{L(w + \\epsilon u_i) - L(w - \\epsilon u_i)}{2 \\epsilon} u_i
+  .. math:: G = \\frac{1}{n} \\sum_{i=1}^n
+    \\frac{L(w + \\epsilon u_i) - L(w - \\epsilon u_i)}{2 \\epsilon} u_i
 
   The gradient given to ``update`` is used only at full-precision leaves
   (pass zeros to skip the backward pass). Needs ``loss_fn``.

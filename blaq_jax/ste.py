@@ -7,6 +7,7 @@ the family: ``docs/methods.rst``, section "Straight-through baselines".
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -21,10 +22,6 @@ from blaq_jax.projection import _expand
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 QUANTIZERS = ("sign", "ternary", "uniform")
-# ste's own arguments, which fogzo and n_spsa take too.
-STE_OPTIONS = dict(optimizer=None, quantizer="sign", bits=None,
-                   level_set="linear", surrogate=None, scale="fit",
-                   threshold=0.7)
 
 
 class STEState(NamedTuple):
@@ -44,7 +41,9 @@ class STEState(NamedTuple):
 class Estimator(NamedTuple):
   """Replaces the STE gradient of the quantized leaves (:mod:`blaq_jax.fogzo`).
 
-  ``update(state, **kw) -> (gradients, state, loss evaluations)``.
+  ``update(state, *, count, grads, latent, steps, surrogate, perturbed_params,
+  extra_args) -> (grads, state, loss evaluations)``, lists over the quantized
+  leaves; ``perturbed_params(latents)`` re-quantizes into the model's params.
   """
 
   init: Callable[[], Any]
@@ -147,10 +146,8 @@ def ste(learning_rate: Optional[ScalarOrSchedule], *,
         **options) -> optax.GradientTransformationExtraArgs:
   """Straight-through training of quantized weights (:ref:`ste-rule`).
 
-  .. math::
-
-    w \\leftarrow w + \\operatorname{opt}(g \\odot S'(w / \\alpha)),\\qquad
-    q = \\alpha\\, \\operatorname{nearest}_Q(w / \\alpha)
+  .. math:: w \\leftarrow w + \\operatorname{opt}(g \\odot S'(w / \\alpha)),
+    \\qquad q = \\alpha\\, \\operatorname{nearest}_Q(w / \\alpha)
 
   Args:
     learning_rate: of the default inner ``optax.adam`` (``None`` if
@@ -187,6 +184,11 @@ def ste(learning_rate: Optional[ScalarOrSchedule], *,
       learning_rate, optimizer=optimizer, quantizer=quantizer, bits=bits,
       level_set=level_set, surrogate=surrogate, scale=scale,
       threshold=threshold, who="ste", **options)
+
+
+# ste's own arguments with their defaults, which fogzo and n_spsa take too.
+STE_OPTIONS = {k: p.default for k, p in inspect.signature(ste).parameters
+               .items() if p.kind is p.KEYWORD_ONLY and k not in engine.OPTIONS}
 
 
 @engine.with_options(clip_latent=1.0, channel_axis=engine.DROP)
@@ -226,9 +228,7 @@ def bwn(learning_rate: Optional[ScalarOrSchedule], *,
         **options) -> optax.GradientTransformationExtraArgs:
   """Binary-weight networks (XNOR-Net's BWN, Rastegari et al. 2016).
 
-  .. math::
-
-    q = \\alpha\\, \\operatorname{sign}(w),\\qquad
+  .. math:: q = \\alpha\\, \\operatorname{sign}(w),\\qquad
     \\alpha = \\tfrac{1}{n} \\textstyle\\sum_i |w_i|
 
   per tensor, or per slice of ``channel_axis``.
@@ -260,9 +260,7 @@ def twn(learning_rate: Optional[ScalarOrSchedule], *,
         **options) -> optax.GradientTransformationExtraArgs:
   """Ternary weight networks (Li et al. 2016).
 
-  .. math::
-
-    \\Delta = t\\, \\tfrac{1}{n} \\textstyle\\sum_i |w_i|,\\quad
+  .. math:: \\Delta = t\\, \\tfrac{1}{n} \\textstyle\\sum_i |w_i|,\\quad
     I = \\{i : |w_i| > \\Delta\\},\\quad
     \\alpha = \\tfrac{1}{|I|} \\textstyle\\sum_{i \\in I} |w_i|,\\quad
     q_i = \\alpha \\operatorname{sign}(w_i) 1[i \\in I]
