@@ -140,6 +140,10 @@ class Step(NamedTuple):
     gradients: gradients used, the one given to ``update`` included.
     losses: extra loss evaluations.
     trial: BLAQ's trial diagnostics as a dict (or None).
+    guarded: the rule state is already ``ctx.finite``-guarded (kept when
+      ``grads`` are not finite); with ``finite`` True the engine then does
+      not select it again (which would read the old state after the new one
+      overwrote it in place, and make XLA copy it).
   """
 
   latent: list
@@ -150,6 +154,7 @@ class Step(NamedTuple):
   gradients: Any = 1
   losses: Any = 0
   trial: Optional[dict] = None
+  guarded: bool = False
 
 
 class Context(NamedTuple):
@@ -171,6 +176,9 @@ class Context(NamedTuple):
     params_at: ``quantized list -> params`` tree at those quantized leaves.
     gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``
       averaged over ``batch_axis_name`` and preprocessed like the main one.
+    finite: whether ``grads`` are all finite. A rule may guard its state
+      with it early (the engine guards the whole state again; guarding and
+      materialising the moments before the latent step saves XLA copies).
   """
 
   count: jax.Array
@@ -185,6 +193,7 @@ class Context(NamedTuple):
   project: Callable
   params_at: Callable
   gradient: Callable
+  finite: Any
 
 
 class Rule(NamedTuple):
@@ -422,9 +431,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                          f"{jnp.shape(g)}, the params {shape}.")
 
   def all_finite(xs):
-    # 0 * inf and 0 * nan are nan, and a sum of zeros cannot overflow: one
-    # fused reduction per leaf, no boolean array written.
-    return jnp.isfinite(sum((jnp.sum(x * 0) for x in xs), jnp.float32(0)))
+    # x - x is nan at inf and nan, else 0, and a sum of zeros cannot
+    # overflow: one fused reduction per leaf, no boolean array written.
+    return jnp.isfinite(sum((jnp.sum(x - x) for x in xs), jnp.float32(0)))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -473,31 +482,42 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       out = [x.astype(jnp.float32) for x in treedef.flatten_up_to(out)]
       return out, all_finite(out)
 
+    finite = all_finite(g)
     ctx = Context(state.count, g, latent, q_or_none, [bool(x) for x in sets],
                   params, extra_args, diagnostics,
                   state.diagnostics.stats if diagnostics else None,
-                  project, params_at, gradient)
+                  project, params_at, gradient, finite)
     step = rule.step(ctx, state.rule)
-    ok = jnp.logical_and(all_finite(g), step.finite)
-
-    new_latent, new_qts, ups, deltas = list(latent_in), list(qts), [], []
-    for i, (p, s) in enumerate(zip(leaves, sets)):
-      w = step.latent[i]
-      if not s:
-        ups.append((w - latent[i]).astype(p.dtype))
-        continue
-      if clip_latent is not None:
-        w = jnp.clip(w, -clip_latent, clip_latent)
-      d = None if step.weight is None else step.weight[i]
-      qt = proj(w, d, s, qts[i])
-      ups.append(qt.dequantize(p.dtype) - p)
-      deltas.append(w - latent[i])
-      new_latent[i] = w.astype(latent_in[i].dtype)
-      new_qts[i] = qt
+    ok = jnp.logical_and(finite, step.finite)
     q_ix = [i for i, s in enumerate(sets) if s]
+    stepped = list(step.latent)
+    if clip_latent is not None:
+      for i in q_ix:
+        stepped[i] = jnp.clip(stepped[i], -clip_latent, clip_latent)
+    # A skipped step keeps every stored value. The guarded latent weights and
+    # rule state are materialised once (the barrier): the projection's sums
+    # and the emitted update then read them, instead of XLA recomputing the
+    # step (and copying the donated buffers it overwrites) in each consumer.
+    guarded = [jnp.where(ok, stepped[i], latent[i]) for i in q_ix]
+    rule_state = step.rule if (step.guarded and step.finite is True) else (
+        optax.tree.where(ok, step.rule, state.rule))
+    guarded, rule_state = jax.lax.optimization_barrier((guarded, rule_state))
+    weights = step.weight(rule_state) if callable(step.weight) else (
+        step.weight)
+    new_qts = project([guarded[q_ix.index(i)] if s else None
+                       for i, s in enumerate(sets)], weights)
+    new_latent, ups = list(latent_in), []
+    for i, p in enumerate(leaves):
+      if not sets[i]:
+        ups.append(jnp.where(ok, stepped[i] - latent[i], 0).astype(p.dtype))
+        continue
+      ups.append(jnp.where(ok, new_qts[i].dequantize(p.dtype) - p, 0))
+      new_latent[i] = guarded[q_ix.index(i)].astype(latent_in[i].dtype)
+    keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
     diag = state.diagnostics
     if diagnostics:
       prev = treedef.flatten_up_to(diag.prev_update)
+      deltas = [guarded[k] - latent[i] for k, i in enumerate(q_ix)]
       n_q = int(sum(np.prod(leaves[i].shape) for i in q_ix))
       stats = init_diagnostics()._replace(
           flip_fraction=fraction_changed([new_qts[i].codes for i in q_ix],
@@ -507,23 +527,22 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       new_prev = list(prev)
       for k, i in enumerate(q_ix):
         new_prev[i] = deltas[k].astype(leaves[i].dtype)
-      diag = DiagnosticsState(stats, treedef.unflatten(new_prev))
-    commit = jnp.asarray(step.commit, jnp.bool_)
-    keep = lambda new, old: optax.tree.where(commit, new, old)  # noqa: E731
+      diag = optax.tree.where(ok, DiagnosticsState(
+          stats, treedef.unflatten(new_prev)), diag)
     new_state = state._replace(
-        count=jnp.where(commit, optax.safe_increment(state.count),
-                        state.count),
+        count=jnp.where(keep, optax.safe_increment(state.count), state.count),
         latent=(treedef.unflatten(new_latent) if step.commit is True else
-                keep(treedef.unflatten(new_latent), state.latent)),
-        quantized=(qdef.unflatten(new_qts) if step.commit is True else
-                   keep(qdef.unflatten(new_qts), state.quantized)),
-        rule=step.rule, preprocess=pre_state, diagnostics=diag)
-    new_state = optax.tree.where(ok, new_state, state)
-    updates = optax.tree.where(ok, treedef.unflatten(ups),
-                               jax.tree.map(jnp.zeros_like, params))
-    return updates, new_state._replace(
+                optax.tree.where(step.commit, treedef.unflatten(new_latent),
+                                 state.latent)),
+        quantized=optax.tree.where(keep, qdef.unflatten(
+            [new_qts[i] if s else qts[i] for i, s in enumerate(sets)]),
+                                   state.quantized),
+        rule=rule_state,
+        preprocess=optax.tree.where(ok, pre_state, state.preprocess),
         skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
-        cost=make_cost(step.gradients, step.losses))
+        cost=make_cost(step.gradients, step.losses),
+        diagnostics=diag)
+    return treedef.unflatten(ups), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -69,15 +69,17 @@ class LossAwareState(NamedTuple):
   Attributes:
     mu: Adam first moments of every leaf (of the gradient w.r.t. ``q`` for
       quantized leaves).
-    nu: Adam second moments of every leaf.
+    sqrt_nu: the square roots ``sqrt(v)`` of Adam's second moments of every
+      leaf (stored as roots so that the projection's sums, which weight by
+      ``D``, run no square root).
     trial: :class:`TrialState` (``optax.EmptyState()`` for LAQ).
 
-  The curvature ``D`` is not stored (a function of ``nu`` and the count):
-  :func:`curvature` computes it.
+  The curvature ``D`` is not stored (a function of ``sqrt_nu`` and the
+  count): :func:`curvature` computes it.
   """
 
   mu: Any
-  nu: Any
+  sqrt_nu: Any
   trial: Any
 
 
@@ -85,15 +87,15 @@ def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
               eps: float = 1e-8):
   """The diagonal curvature ``D = (eps + sqrt(v_hat)) / eta`` of the state.
 
-  Uses the stored second moment (``nu``) and count; ``b2``/``eps`` must be
-  those of the transform. Returned for every leaf.
+  Uses the stored ``sqrt_nu`` and count; ``b2``/``eps`` must be those of
+  the transform. Returned for every leaf.
   """
   from blaq_jax.state import _find  # pylint: disable=g-import-not-at-top
   count = _find(opt_state, "count")
-  nu = optax.tree.get(opt_state, "nu")
+  sqrt_nu = optax.tree.get(opt_state, "sqrt_nu")
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
-  bc = 1 - b2 ** count.astype(jnp.float32)
-  return jax.tree.map(lambda v: (eps + jnp.sqrt(v / bc)) / lr, nu)
+  c = jax.lax.rsqrt(1 - b2 ** count.astype(jnp.float32))
+  return jax.tree.map(lambda s: (eps + s * c) / lr, sqrt_nu)
 
 
 def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
@@ -133,31 +135,63 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return treedef.unflatten([x.astype(p.dtype) if (qi and on) else MASK
                                 for x, p, qi in zip(xs, leaves, q)])
 
-    def adam(g, mu, nu, count, at):
-      """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22)."""
-      mu = optax.tree.update_moment(g, mu, b1, 1)
-      nu = optax.tree.update_moment_per_elem_norm(g, nu, b2, 2)
+    def root_den(sq, count):
+      """``eta D = sqrt(v_hat) + eps`` as triples ``(x, e, r)`` with
+      ``eta D = (x + e) / r``: ``x = sqrt(v)``, ``r = sqrt(1 - b2^t)``,
+      ``e = eps r``. The projection takes ``(x, e)`` (``D`` up to a
+      constant; :func:`_project`), so it reads the stored roots as they
+      are."""
+      r = jnp.sqrt(1 - b2 ** jnp.asarray(count, jnp.float32))
+      return [(s, eps * r, r) for s in sq]
+
+    def total(d):
+      # eta D of a triple; not written (x + e) / r, which XLA would share
+      # with the projection's sum and then materialise.
+      return d[0] / d[2] + d[1] / d[2]
+
+    def adam(g, mu, sq, count, at, guard=False):
+      """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22).
+
+      ``sq`` holds ``sqrt(v)``; ``den`` is a list of triples
+      (:func:`root_den`)."""
+      new_mu = optax.tree.update_moment(g, mu, b1, 1)
+      new_sq = [jnp.sqrt(b2 * s * s + (1 - b2) * x * x) for x, s in zip(g, sq)]
+      if guard:  # kept if g is not finite; written once, read by the step
+        new_mu, new_sq = jax.lax.optimization_barrier(
+            optax.tree.where(ctx.finite, (new_mu, new_sq), (mu, sq)))
+      mu, sq = new_mu, new_sq
       m_hat = optax.tree.bias_correction(mu, b1, count)
       if curvature_fn is None:
-        v_hat = optax.tree.bias_correction(nu, b2, count)
-        den = [eps + jnp.sqrt(v) for v in v_hat]
+        den = root_den(sq, count)
       else:
         user = curvature_fn(at)
         selection.check_same_structure(ctx.params, user,
                                        "curvature_fn's output")
-        den = [lr * x.astype(jnp.float32)
+        den = [(lr * x.astype(jnp.float32), 0.0, 1.0)
                for x in treedef.flatten_up_to(user)]
-      return mu, nu, m_hat, den
+      return mu, sq, m_hat, den
 
     f32 = lambda tr: [x.astype(jnp.float32)  # noqa: E731
                       for x in treedef.flatten_up_to(tr)]
-    mu0, nu0 = f32(state.mu), f32(state.nu)
+    mu0, nu0 = f32(state.mu), f32(state.sqrt_nu)
 
     def laq_step(g):
-      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params)
-      w = [w - lr * m / d for w, m, d in zip(ctx.latent, m_hat, den)]
+      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=True)
+      w = [w - lr * m / total(d) for w, m, d in zip(ctx.latent, m_hat, den)]
       return w, den, (mu, nu), state.trial, jnp.ones([], jnp.bool_), (
           trial_stats(None, None, g, None))
+
+    def stored_den(den):
+      """``den`` again from the stored (guarded) ``sqrt_nu`` (float32
+      leaves): the engine's projection reads it, not a materialised ``D``."""
+      if curvature_fn is not None:
+        return den
+
+      def weight(rule_state):
+        stored = root_den(treedef.flatten_up_to(rule_state.sqrt_nu), t)
+        return [s if p.dtype == jnp.float32 else x
+                for s, x, p in zip(stored, den, leaves)]
+      return weight
 
     def trial_stats(on, q_star, g, g_star):
       if not ctx.diagnostics:
@@ -188,19 +222,21 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       w, d_bar, mu_n, nu_n = list(ctx.latent), list(den), list(mu), list(nu)
       for i, w_i in enumerate(ctx.latent):
         if not q[i]:
-          w[i] = w_i - lr * m_hat[i] / den[i]
+          w[i] = w_i - lr * m_hat[i] / total(den[i])
           continue
-        d_bar[i] = a_t * den[i] + (1 - a_t) * den_s[i]  # line 23
-        w[i] = w_i - lr * direction(i) / d_bar[i]  # line 24 (proj: engine)
+        (x, e, r), (x_s, e_s, r_s) = den[i], den_s[i]  # line 23, in triples
+        d_bar[i] = (a_t * x + (1 - a_t) * (r / r_s) * x_s,
+                    a_t * e + (1 - a_t) * (r / r_s) * e_s, r)
+        w[i] = w_i - lr * direction(i) / total(d_bar[i])  # 24 (proj: engine)
         if moments == "blended":
           mu_n[i] = a_t * mu[i] + (1 - a_t) * mu_s[i]
-          nu_n[i] = a_t * nu[i] + (1 - a_t) * nu_s[i]
+          nu_n[i] = jnp.sqrt(a_t * nu[i] ** 2 + (1 - a_t) * nu_s[i] ** 2)
       return w, d_bar, (mu_n, nu_n)
 
     def trial_point(g):
       """Lines 13-16: moments, ``D_t``, ``w* = w_t - m_hat / D_t``, ``q*``."""
-      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params)
-      w_star = [w - lr * m / d if qi else w
+      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=True)
+      w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
       return mu, nu, m_hat, den, w_star, ctx.project(w_star, den)
 
@@ -222,10 +258,13 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return engine.Step(
           latent=w, weight=weight,
           rule=LossAwareState(tree(mu), tree(nu), trial_state),
-          finite=finite, commit=commit, gradients=gradients, trial=stats)
+          finite=finite, commit=commit, gradients=gradients, trial=stats,
+          guarded=not trial)
 
     if not trial:
-      return result(laq_step(ctx.grads), 1)
+      out = laq_step(ctx.grads)
+      return result((out[0], stored_den(out[1])) + out[2:4] + (True,)
+                    + out[5:], 1)
     on = engine.is_active(active, ctx.count)
     if opaque:
       return result(engine.select(on, algorithm_1, laq_step, ctx.grads),
@@ -246,8 +285,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       g = [x.astype(jnp.float32) if qi else gs for x, gs, qi in zip(
           treedef.flatten_up_to(state.trial.real_grad), g_star, q)]
       m_hat = optax.tree.bias_correction(mu0, b1, t)
-      den = [eps + jnp.sqrt(v)
-             for v in optax.tree.bias_correction(nu0, b2, t)]
+      den = root_den(nu0, t)
       w, d_bar, new_moments = backtrack(  # the params are at q* now
           g, g_star, mu0, nu0, m_hat, den, ctx.params)
       stats = None
@@ -271,8 +309,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
 
 
 def _project(w, d, level_set, prev, **options):
-  """``proj_D`` (Algorithm 2), warm-started from the previous codes."""
-  return project(w, jnp.ones_like(w) if d is None else d, level_set,
+  """``proj_D`` (Algorithm 2), warm-started from the previous codes; ``d`` is
+  a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``."""
+  x, e = (jnp.ones_like(w), 0.0) if d is None else d[:2]
+  return project(w, x, level_set, eps=e,
                  prev_codes=None if prev is None else prev.codes,
                  prev_alpha=None if prev is None else prev.alpha, **options)
 

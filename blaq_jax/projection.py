@@ -165,8 +165,8 @@ def fused_sums(terms, axes):
 
 def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
             prev_codes=None, prev_alpha=None, tol: Optional[float] = 1e-6,
-            max_iter: int = 20, start_alpha=None):
-  """Projects ``w`` onto the scaled level set, weighting errors by ``d``.
+            max_iter: int = 20, start_alpha=None, eps=0.0):
+  """Projects ``w`` onto the scaled level set, weighting errors by ``d + eps``.
 
   Args:
     w: latent weights (any float dtype; computed in float32).
@@ -188,6 +188,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     start_alpha: with ``tol=None``, the scale the rounds start from (e.g.
       :func:`~blaq_jax.projection.extrapolate` of the last two scales);
       overrides ``prev_alpha`` as the start.
+    eps: a constant added to every weight (LAQ's ``D`` is proportional to
+      ``sqrt(v) + eps sqrt(1 - b2^t)``). At 1 bit it enters ``sum(d + eps)``
+      in closed form, so no weight array is formed: each sum is one plain
+      reduction of its inputs.
 
   Returns:
     ``(alpha, codes)``: float32 scales of shape ``scale_shape(w.shape, ...)``
@@ -216,11 +220,17 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
   if level_set.kind == "blaq" and level_set.bits == 1:
-    # Two plain sums, not fused_sums: XLA orders a plain sum the same with or
-    # without vmap, so a vmapped 1-bit run equals its seeds run alone (the
-    # fused reduction's rounding differs under vmap).
-    alpha = safe_ratio(jnp.sum(d * jnp.abs(w), axes), jnp.sum(d, axes))
-    return alpha, level_set.codes(w)
+    # Two plain sums with no shared subexpression (max(w, -w) is |w|; the
+    # constant eps is added in closed form to the second): XLA:CPU reduces
+    # each straight from its inputs, vectorised, and orders it the same with
+    # or without vmap.
+    s1 = jnp.sum((d + eps) * jnp.maximum(w, -w), axes)
+    s2 = jnp.sum(d, axes)
+    if not (isinstance(eps, (int, float)) and eps == 0):
+      s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
+    return safe_ratio(s1, s2), level_set.codes(w)
+  if not (isinstance(eps, (int, float)) and eps == 0):
+    d = d + eps
 
   def alpha_for(beta):
     db = d * beta

@@ -64,9 +64,10 @@ import blaq_jax
 DIGESTS = "SHA256SUMS"
 # Fields (NamedTuple attributes, dict keys, dataclass fields) whose values
 # are non-negative by definition: Adam's second moments (optax's
-# ScaleByAdamState.nu, blaq_jax's LossAwareState.nu) and the scales alpha of
+# ScaleByAdamState.nu, and their roots in blaq_jax's LossAwareState.sqrt_nu)
+# and the scales alpha of
 # blaq_jax.QuantizedTensor (the projection's alpha > 0).
-NON_NEGATIVE_FIELDS = ("nu", "alpha")
+NON_NEGATIVE_FIELDS = ("nu", "sqrt_nu", "alpha")
 # Where a resumed run moves the checkpoints it could not use.
 DAMAGED_DIR = "checkpoints_damaged"
 

@@ -81,8 +81,8 @@ def test_nonfinite_trial_gradient_skips_the_step(blend):
   chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
   chex.assert_trees_all_equal(blaq_jax.latent_params(new_state),
                               blaq_jax.latent_params(state))
-  chex.assert_trees_all_equal(optax.tree.get(new_state, "nu"),
-                              optax.tree.get(state, "nu"))
+  chex.assert_trees_all_equal(optax.tree.get(new_state, "sqrt_nu"),
+                              optax.tree.get(state, "sqrt_nu"))
   assert int(new_state.skipped_steps) == 1 and int(new_state.count) == 2
 
 

@@ -371,7 +371,7 @@ def test_curvature_accessor():
   params, _ = mlp_problem()
   _, state = run(blaq_jax.laq(0.01), steps=2)
   d = blaq_jax.curvature(state, 0.01)
-  v_hat = optax.tree.get(state, "nu")["l1"]["kernel"] / (1 - B2 ** 2)
+  v_hat = optax.tree.get(state, "sqrt_nu")["l1"]["kernel"] ** 2 / (1 - B2 ** 2)
   # float32 bias correction 1 - b2^2 carries ~3e-5 relative error.
   np.testing.assert_allclose(d["l1"]["kernel"],
                              (EPS + np.sqrt(v_hat)) / 0.01, rtol=1e-4)

@@ -225,8 +225,8 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
     count = int(new_state.count)
     for p in paths:
       w = new_state.latent[p]["kernel"]
-      nu = new_state.rule.nu[p]["kernel"]
-      d = EPS + jnp.sqrt(nu / (1 - B2 ** count))  # D_t up to the 1/lr factor
+      root = new_state.rule.sqrt_nu[p]["kernel"]
+      d = EPS + root / jnp.sqrt(1 - B2 ** count)  # D_t up to the 1/lr factor
       out, n_rounds = projections(w, d, prev[p].alpha, before[p],
                                   prev[p].codes)
       rounds_needed.append((t + 1, p, int(n_rounds)))
