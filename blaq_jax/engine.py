@@ -140,10 +140,10 @@ class Step(NamedTuple):
     gradients: gradients used, the one given to ``update`` included.
     losses: extra loss evaluations.
     trial: BLAQ's trial diagnostics as a dict (or None).
-    guarded: the rule state is already ``ctx.finite``-guarded (kept when
-      ``grads`` are not finite); with ``finite`` True the engine then does
-      not select it again (which would read the old state after the new one
-      overwrote it in place, and make XLA copy it).
+    guarded: the rule already kept its state where ``ctx.finite`` or its
+      own ``finite`` is False; the engine then does not select the state
+      again (which reads the old state after the new one overwrote it in
+      place, and makes XLA copy the donated buffers).
   """
 
   latent: list
@@ -499,13 +499,21 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     # and the emitted update then read them, instead of XLA recomputing the
     # step (and copying the donated buffers it overwrites) in each consumer.
     guarded = [jnp.where(ok, stepped[i], latent[i]) for i in q_ix]
-    rule_state = step.rule if (step.guarded and step.finite is True) else (
+    rule_state = step.rule if step.guarded else (
         optax.tree.where(ok, step.rule, state.rule))
     guarded, rule_state = jax.lax.optimization_barrier((guarded, rule_state))
     weights = step.weight(rule_state) if callable(step.weight) else (
         step.weight)
     new_qts = project([guarded[q_ix.index(i)] if s else None
                        for i, s in enumerate(sets)], weights)
+    keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
+    stored = [optax.tree.where(keep, new_qts[i], qts[i]) if s else qts[i]
+              for i, s in enumerate(sets)]
+    if step.commit is True:
+      # The emitted update reads the stored codes (1 byte per entry) rather
+      # than recomputing them from the latent weights.
+      stored = jax.lax.optimization_barrier(stored)
+      new_qts = stored
     new_latent, ups = list(latent_in), []
     for i, p in enumerate(leaves):
       if not sets[i]:
@@ -513,7 +521,6 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
         continue
       ups.append(jnp.where(ok, new_qts[i].dequantize(p.dtype) - p, 0))
       new_latent[i] = guarded[q_ix.index(i)].astype(latent_in[i].dtype)
-    keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
     diag = state.diagnostics
     if diagnostics:
       prev = treedef.flatten_up_to(diag.prev_update)
@@ -534,9 +541,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
         latent=(treedef.unflatten(new_latent) if step.commit is True else
                 optax.tree.where(step.commit, treedef.unflatten(new_latent),
                                  state.latent)),
-        quantized=optax.tree.where(keep, qdef.unflatten(
-            [new_qts[i] if s else qts[i] for i, s in enumerate(sets)]),
-                                   state.quantized),
+        quantized=qdef.unflatten(stored),
         rule=rule_state,
         preprocess=optax.tree.where(ok, pre_state, state.preprocess),
         skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),

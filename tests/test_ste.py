@@ -12,6 +12,7 @@ import pytest
 import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
+from blaq_jax.ste import guarded_adam
 from problems import mlp_problem
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
@@ -343,3 +344,23 @@ def test_bad_input_errors():
     opt.update({"l1": params["l1"]}, state, params)
   with pytest.raises(ValueError, match="another config"):
     blaq_jax.twn(0.01).update(jax.grad(loss)(params), state, params)
+
+
+@pytest.mark.parametrize("lr", [0.05, optax.linear_schedule(0.1, 0.01, 4)])
+def test_guarded_adam_is_optax_adam(lr):
+  # The STE family's default inner optimizer: optax.adam's state and
+  # numbers, plus a finite flag that keeps the state.
+  params = {"w": jnp.array([0.3, -0.2, 0.1]), "b": jnp.zeros(2)}
+  ours, ref = guarded_adam(lr), optax.adam(lr)
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  chex.assert_trees_all_equal_structs(s_ours, s_ref)
+  for k in range(4):
+    g = jax.tree.map(lambda x: jnp.cos(x + k) + 0.1, params)
+    u_ours, s_ours = ours.update(g, s_ours, params, finite=True)
+    u_ref, s_ref = ref.update(g, s_ref, params)
+    chex.assert_trees_all_close(u_ours, u_ref, rtol=1e-6)
+    chex.assert_trees_all_close(s_ours, s_ref, rtol=1e-6)
+  bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g)
+  u, kept = ours.update(bad, s_ours, params, finite=jnp.array(False))
+  chex.assert_trees_all_equal(kept, s_ours)
+  chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))

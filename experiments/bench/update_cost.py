@@ -29,6 +29,10 @@ step (:func:`compiled_profile`):
   once per round of the k-bit projection;
 * *temp B/param*: scratch memory for intermediates written between kernels.
 
+*x laq* is the time over LAQ's at the same bit width; *target* and *met*
+give issue 15's targets (:data:`TARGETS`: LAQ against Adam, BLAQ's active
+step against LAQ), judged only from a timed run.
+
 *pass B/param* is the floor of a single pass: every byte of the step's
 inputs (params, gradients, state) read once and every output byte written
 once. Timed columns (*ms*, *x adam*, *GB/s*, *% of bw* against a jitted
@@ -69,6 +73,14 @@ from experiments.bench import common
 
 LR = 1e-3
 DEFAULT_METHODS = ("adam", "laq", "blaq active", "bc", "ste")
+# Issue 15's targets on a quiet machine: (method, params, bits) -> (ratio,
+# against what). LAQ against Adam; BLAQ's active step against LAQ's update.
+TARGETS = {("laq", "resnet18", 1): (2.3, "adam"),
+           ("laq", "mlp", 1): (1.8, "adam"),
+           ("laq", "resnet18", 2): (2.4, "adam"),
+           ("laq", "mlp", 2): (1.9, "adam")}
+TARGETS.update({("blaq active", p, b): (2.0, "laq")
+                for p in ("resnet18", "mlp") for b in (1, 2)})
 
 
 def _ste_kwargs(bits: int) -> Dict[str, Any]:
@@ -271,6 +283,17 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
         frac_bw=(gbs / bandwidth if bandwidth and timing else nan),
         kernels=prof["kernels"], loop_kernels=prof["loop_kernels"],
         loops=prof["loops"], temp_per_param=prof["temp_bytes"] / n))
+  for row in rows:
+    laq = [r["ms"] for r in rows if r["method"] == "laq"
+           and r["bits"] == row["bits"]]
+    row["x_laq"] = row["ms"] / laq[0] if laq else nan
+    goal = TARGETS.get((row["method"], params_name, row["bits"]))
+    row["target"], row["met"] = "", ""
+    if goal:
+      got = row["ratio"] if goal[1] == "adam" else row["x_laq"]
+      row["target"] = f"<= {goal[0]}x {goal[1]}"
+      row["met"] = "" if not timing else (
+          "yes" if got <= goal[0] else f"no (+{100 * (got / goal[0] - 1):.0f}%)")
   return rows
 
 
@@ -325,9 +348,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         f", median of {args.repeats} interleaved rounds" if timing else
         ", compiled profile only (no timing)"))
     print(common.markdown_table(
-        ["method", "bits", "ms", "x adam", "pass B/param", "HLO B/param",
-         "GB/s", "% of bw", "kernels", "loop kernels", "temp B/param"],
-        [[x["method"], x["bits"], x["ms"], x["ratio"], x["bytes_per_param"],
+        ["method", "bits", "ms", "x adam", "x laq", "target", "met",
+         "pass B/param", "HLO B/param", "GB/s", "% of bw", "kernels",
+         "loop kernels", "temp B/param"],
+        [[x["method"], x["bits"], x["ms"], x["ratio"], x["x_laq"],
+          x["target"], x["met"], x["bytes_per_param"],
           x["hlo_bytes_per_param"], x["gbs"], 100 * x["frac_bw"],
           x["kernels"], x["loop_kernels"], x["temp_per_param"]]
          for x in r]))
