@@ -149,13 +149,16 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       # with the projection's sum and then materialise.
       return d[0] / d[2] + d[1] / d[2]
 
+    def adam_moments(g, mu, sq):  # Adam's, with sq = sqrt(v)
+      return (optax.tree.update_moment(g, mu, b1, 1),
+              [jnp.sqrt(b2 * s * s + (1 - b2) * x * x) for x, s in zip(g, sq)])
+
     def adam(g, mu, sq, count, at, guard=False):
       """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22).
 
       ``sq`` holds ``sqrt(v)``; ``den`` is a list of triples
       (:func:`root_den`)."""
-      new_mu = optax.tree.update_moment(g, mu, b1, 1)
-      new_sq = [jnp.sqrt(b2 * s * s + (1 - b2) * x * x) for x, s in zip(g, sq)]
+      new_mu, new_sq = adam_moments(g, mu, sq)
       if guard:  # kept if g is not finite; written once, read by the step
         new_mu, new_sq = jax.lax.optimization_barrier(
             optax.tree.where(ctx.finite, (new_mu, new_sq), (mu, sq)))
@@ -233,23 +236,35 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           nu_n[i] = jnp.sqrt(a_t * nu[i] ** 2 + (1 - a_t) * nu_s[i] ** 2)
       return w, d_bar, (mu_n, nu_n)
 
-    def trial_point(g):
+    def trial_point(g, guard=True):
       """Lines 13-16: moments, ``D_t``, ``w* = w_t - m_hat / D_t``, ``q*``."""
-      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=True)
+      mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
       return mu, nu, m_hat, den, w_star, ctx.project(w_star, den)
 
     def algorithm_1(g):
       """One active step of BLAQ, opaque mode (the appendix's numbering)."""
-      mu, nu, m_hat, den, w_star, q_star = trial_point(g)  # 1-16
+      mu, nu, m_hat, den, w_star, q_star = trial_point(g, guard=False)
       trial_params = ctx.params_at(q_star)
       g_star, finite = ctx.gradient(trial_params)  # 17-20
+      # Only now is it known whether the step is skipped: the moments are
+      # kept if g or g* is not finite, and written once for the backtrack.
+      ok = jnp.logical_and(ctx.finite, finite)
+      # Recomputed from (g, mu_t, v_t) behind a barrier rather than kept from
+      # the trial: XLA then writes them in place once and keeps no copy.
+      g_, m0_, v0_ = jax.lax.optimization_barrier((g, mu0, nu0))
+      mu, nu = jax.lax.optimization_barrier(
+          optax.tree.where(ok, adam_moments(g_, m0_, v0_), (m0_, v0_)))
+      if curvature_fn is None:
+        m_hat, den = optax.tree.bias_correction(mu, b1, t), root_den(nu, t)
       w, d_bar, new_moments = backtrack(  # 21-24
           g, g_star, mu, nu, m_hat, den, trial_params)
-      kept = state.trial._replace(
+      if moments == "blended":
+        new_moments = optax.tree.where(ok, new_moments, (mu0, nu0))
+      kept = optax.tree.where(ok, state.trial._replace(
           trial_latent=q_tree(w_star, keep_trial),
-          trial_grad=q_tree(g_star, keep_trial))
+          trial_grad=q_tree(g_star, keep_trial)), state.trial)
       return w, d_bar, new_moments, kept, finite, trial_stats(
           True, q_star, g, g_star)
 
@@ -259,7 +274,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           latent=w, weight=weight,
           rule=LossAwareState(tree(mu), tree(nu), trial_state),
           finite=finite, commit=commit, gradients=gradients, trial=stats,
-          guarded=not trial)
+          guarded=not trial or opaque)
 
     if not trial:
       out = laq_step(ctx.grads)

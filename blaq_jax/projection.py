@@ -231,6 +231,11 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     # constant eps is added in closed form to the second): XLA:CPU reduces
     # each straight from its inputs, vectorised, and orders it the same with
     # or without vmap.
+    if isinstance(eps, jax.Array):
+      # XLA:CPU shares one broadcast of a traced scalar among same-shaped
+      # leaves and then writes it out in full for their reductions; tied
+      # to this leaf's scale (positive, finite) it stays inside its sum.
+      eps = eps + 0 * jnp.max(fallback)
     s1 = jnp.sum((d + eps) * jnp.maximum(w, -w), axes)
     s2 = jnp.sum(d, axes)
     if not (isinstance(eps, (int, float)) and eps == 0):
