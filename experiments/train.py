@@ -202,8 +202,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,
                    blaq_active=None):
   """The method ``config.method`` with the config's hyper-parameters.
 
-  Every quantizing method is built with ``diagnostics=True`` (the run logs
-  ``flip_fraction`` and ``update_cosine``). ``blaq_active`` replaces BLAQ's
+  Every quantizing method is built with ``diagnostics=config.diagnostics``
+  (True by default: the run logs ``flip_fraction`` and ``update_cosine``;
+  they cost a few passes over the weights per step, see
+  ``experiments/bench/README.md``). ``blaq_active`` replaces BLAQ's
   schedule (:func:`blaq_schedule`), e.g. ``1`` (every step) or
   :func:`blaq_jax.never`.
   """
@@ -214,7 +216,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int, *,
   lr = learning_rate_schedule(config, steps_per_epoch)
   if name == "fp":
     return methods.create(name, lr)
-  kw: Dict[str, Any] = dict(quantize=quantize_rule(config), diagnostics=True)
+  kw: Dict[str, Any] = dict(quantize=quantize_rule(config),
+                            diagnostics=bool(config.get("diagnostics", True)))
   if config.per_channel:
     kw["channel_axis"] = -1
   if config.clip_latent:

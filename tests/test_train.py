@@ -287,6 +287,18 @@ def test_factory_asks_every_quantizing_method_for_diagnostics(
   assert calls[0][1]["diagnostics"] is True
 
 
+def test_config_can_turn_the_diagnostics_off():
+  config = quick.get_config()
+  config.method, config.diagnostics = "laq", False
+  tx = train_lib.make_optimizer(config, 10, 100)
+  state = tx.init({"dense": {"kernel": jnp.ones((3, 2))}})
+  assert isinstance(state.diagnostics, optax.EmptyState)
+  config.diagnostics = True
+  state = train_lib.make_optimizer(config, 10, 100).init(
+      {"dense": {"kernel": jnp.ones((3, 2))}})
+  assert not isinstance(state.diagnostics, optax.EmptyState)
+
+
 def test_method_bits_mismatch_is_a_clear_error():
   config = quick.get_config()
   config.method, config.bits = "twn", 1

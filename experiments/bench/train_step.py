@@ -78,7 +78,8 @@ def make_config(model: str, method: str, *, batch: int, num_devices: int = 1,
                 synthetic: bool = False, data_dir: str = "",
                 hidden: Optional[Sequence[int]] = None,
                 resnet_image: int = 64, resnet_stem: str = "imagenet",
-                n_train: int = 2048) -> ml_collections.ConfigDict:
+                n_train: int = 2048, diagnostics: bool = True
+                ) -> ml_collections.ConfigDict:
   """The paper's configuration of ``model`` for ``method`` at ``batch``.
 
   Args:
@@ -93,9 +94,11 @@ def make_config(model: str, method: str, *, batch: int, num_devices: int = 1,
     resnet_stem: ResNet-18's stem, ``"imagenet"`` or ``"cifar"``.
     n_train: training examples of synthetic data (steps per epoch =
       ``n_train // batch``).
+    diagnostics: the optimizer's diagnostics (``config.diagnostics``).
   """
   c = MODELS[model][0].get_config()
   c.method, c.batch_size, c.num_devices = method, batch, num_devices
+  c.diagnostics = diagnostics
   c.data_dir = data_dir
   shape = None
   if model == "resnet18":
@@ -147,14 +150,14 @@ def step_runners(setup: train.Setup, batch, names: Sequence[str]):
   def runner(name):
     def run():
       states[name], metrics = compiled[name](states[name], batch)
-      taken[name].append(metrics["trial_active"])
+      taken[name].append(metrics["grad_evals"])  # 2 on an active step
       return states[name]
     return run
 
   def check():
     for name in BLAQ_EPOCH:
       want = name == "blaq active"
-      if name in taken and any(bool(a) != want for a in taken[name]):
+      if name in taken and any((int(a) > 1) != want for a in taken[name]):
         raise RuntimeError(f"{name}: a timed step took the other branch; "
                            "are there more timed steps than steps per "
                            f"epoch ({setup.steps_per_epoch})?")
@@ -255,6 +258,9 @@ def _parser():
   p.add_argument("--synthetic", action="store_true",
                  help="MNIST-shaped random images instead of MNIST")
   p.add_argument("--data-dir", default="", help="the MNIST originals")
+  p.add_argument("--no-diagnostics", action="store_true",
+                 help="build the methods without their diagnostics (the "
+                 "library's default; the training application logs them)")
   return p
 
 
@@ -272,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     r = measure(model, methods, repeats=args.repeats, batch=batches[model],
                 synthetic=args.synthetic, data_dir=args.data_dir,
                 hidden=int_list(args.hidden), resnet_image=args.resnet_image,
-                resnet_stem=args.resnet_stem)
+                resnet_stem=args.resnet_stem,
+                diagnostics=not args.no_diagnostics)
     if model == "resnet18":
       data = (f"synthetic ImageNet {args.resnet_image}x{args.resnet_image}x3,"
               f" {args.resnet_stem} stem")
@@ -280,7 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       data = "synthetic MNIST-shaped" if args.synthetic else "MNIST"
     print(f"\n{model}: {r[0]['params']:,} params, {data}, batch "
           f"{batches[model]}, 1 device, m = {r[0]['m']}; median of "
-          f"{args.repeats} interleaved rounds")
+          f"{args.repeats} interleaved rounds" + (
+              "; methods without diagnostics" if args.no_diagnostics
+              else ""))
     print(common.markdown_table(
         ["method", "ms/step", "x fp (Adam)", "target", "met"],
         [[x["method"], x["ms"], x["ratio"],

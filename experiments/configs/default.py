@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.level_set = ""  # "": the method's default
   c.per_channel = False  # one scale per output channel instead of per tensor
   c.clip_latent = 0.0  # 0: no clipping of the latent weights
+  # The optimizer's zig-zag diagnostics (flip fraction, update cosine, trial
+  # statistics): logged per step; False runs the library's cheaper default.
+  c.diagnostics = True
   c.edge_bits = 8  # resnet18: first and last layer
   c.a = 0.6  # BLAQ's blend weight
   c.blaq_period_epochs = 5  # BLAQ's m: two-stage update one epoch in m
