@@ -1,47 +1,18 @@
 """The quantized-latent engine: one loop for every method that keeps latent weights.
 
-Every quantizing method of blaq_jax (LAQ, BLAQ, the STE family, FOGZO, n-SPSA)
-trains latent full-precision weights ``w`` while the model computes with
-their quantized version ``q = alpha * beta``. Per step, with ``g`` the
-gradient at ``q_t`` (what ``update`` receives):
-
-.. math::
-
-  g \\leftarrow \\operatorname{preprocess}(g),\\qquad
-  (\\Delta, d) = \\operatorname{rule}(g, w_t, q_t, \\ldots),\\qquad
-  w_{t+1} = \\operatorname{clip}(w_t + \\Delta),\\qquad
-  q_{t+1} = \\operatorname{proj}_d(w_{t+1}),
-
-and the transform emits ``updates = q_{t+1} - params``, so
-``optax.apply_updates`` lands on the quantized weights (up to an ulp of the
-subtraction; :func:`blaq_jax.quantized_params` is exact). Leaves trained in
-full precision take ``params + Delta``. The engine does everything but the
-rule: leaf selection, the latent weights, codes and scales, the projection,
-the emitted update, state and argument checks, non-finite guarding, opt-in
-diagnostics and the cost record. A method (:class:`Rule`) brings only how
-the latent step ``Delta`` and the projection weight ``d`` are formed (and
-may evaluate the gradient at other points, as BLAQ's trial does).
-
-**Non-finite gradients.** If the gradient given to ``update`` (after
-``preprocess``) or one the rule evaluates (BLAQ's trial gradient, FOGZO's
-estimate) holds a NaN or an inf, the step is skipped: the updates are zero
-and the state is unchanged except for ``skipped_steps`` (read it with
-``optax.tree.get(state, "skipped_steps")``) and ``cost``.
-
-**Must be last in a chain.** The emitted update is ``q_{t+1} - params``: a
-transform after it moves the params off the level set.
-:func:`check_on_level_set` tells. Gradient transforms the user wants before
-the quantizer (clipping, ...) go in ``preprocess``, which also reaches the
-gradients the rule evaluates itself (BLAQ's trial gradient).
+A method (:class:`Rule`) brings how its latent step and projection weight are
+formed; :func:`quantized_latent` does the rest. The contract (the step's math,
+``preprocess``, non-finite steps skipped, last in a chain) is in
+``docs/methods.rst``, section "What every method keeps".
 
 Example:
-  >>> import jax, jax.numpy as jnp, optax, blaq_jax
+  >>> import jax.numpy as jnp, optax, blaq_jax
   >>> params = {"kernel": jnp.array([[0.5, -0.2], [0.1, 0.4]])}
   >>> opt = blaq_jax.laq(0.01, preprocess=optax.clip_by_global_norm(1.0))
   >>> state = opt.init(params)
   >>> params = blaq_jax.quantized_params(params, state)  # start on the set
   >>> grads = {"kernel": jnp.array([[jnp.nan, 0.0], [0.0, 0.0]])}
-  >>> updates, state = opt.update(grads, state, params)
+  >>> updates, state = opt.update(grads, state, params)  # skipped, counted
   >>> int(optax.tree.get(state, "skipped_steps")), float(jnp.abs(
   ...     updates["kernel"]).max())
   (1, 0.0)
@@ -51,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -62,25 +34,21 @@ import optax
 from blaq_jax import parallel
 from blaq_jax import selection
 from blaq_jax.state import (Diagnostics, QuantizedTensor, StepCost, cosine,
-                            fraction_changed, init_diagnostics, make_cost)
+                            fraction_changed, init_diagnostics, make_cost,
+                            quantized_tensors)
 
 MASK = optax.MaskedNode()
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["paths", "shapes", "level_sets"])
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Static description of the params a state was made for (no array leaves).
-
-  It lets ``update`` name the leaf whose structure, shape or dtype changed.
-  """
+  """The params a state was made for (static): names a changed leaf."""
 
   paths: tuple
   shapes: tuple
   level_sets: tuple
-
-
-jax.tree_util.register_dataclass(
-    Layout, data_fields=[], meta_fields=["paths", "shapes", "level_sets"])
 
 
 class DiagnosticsState(NamedTuple):
@@ -100,12 +68,10 @@ class QuantizedLatentState(NamedTuple):
 
   Attributes:
     count: number of completed steps, int32.
-    latent: latent full-precision weights ``w`` (MaskedNode at leaves trained
-      in full precision).
+    latent: latent weights ``w`` (MaskedNode at full-precision leaves).
     quantized: :class:`~blaq_jax.state.QuantizedTensor` of ``q_t`` at
       quantized leaves (MaskedNode elsewhere).
-    rule: the method's own state (Adam moments for LAQ/BLAQ, the inner
-      optimizer's state for the STE family, ...).
+    rule: the method's own state (Adam moments for LAQ/BLAQ, ...).
     preprocess: state of the ``preprocess`` transform.
     skipped_steps: steps skipped because a gradient was not finite, int32.
     cost: :class:`~blaq_jax.state.StepCost` of the last step.
@@ -129,21 +95,16 @@ class Step(NamedTuple):
   """What a rule's step returns (lists run over all leaves, in order).
 
   Attributes:
-    latent: the new latent weights (float32; params at full-precision
-      leaves).
-    weight: the projection weights ``d`` (None: the rule's own projector
-      needs none, or at full-precision leaves).
+    latent: the new float32 latent weights (params at full-precision leaves).
+    weight: the projection weights ``d``, None, or ``rule state -> weights``.
     rule: the rule's new state.
     finite: whether every gradient the rule evaluated was finite.
     commit: False when the step only visits a point (BLAQ's transparent
       trial): the emitted update goes there, the state keeps ``w_t, q_t``.
-    gradients: gradients used, the one given to ``update`` included.
-    losses: extra loss evaluations.
+    gradients, losses: gradient and extra loss evaluations of the step.
     trial: BLAQ's trial diagnostics as a dict (or None).
-    guarded: the rule already kept its state where ``ctx.finite`` or its
-      own ``finite`` is False; the engine then does not select the state
-      again (which reads the old state after the new one overwrote it in
-      place, and makes XLA copy the donated buffers).
+    guarded: the rule already kept its state where a gradient is not finite;
+      the engine does not select it again (XLA would copy donated buffers).
   """
 
   latent: list
@@ -161,24 +122,19 @@ class Context(NamedTuple):
   """What the engine gives a rule's ``step`` (one ``update`` call).
 
   Attributes:
-    count: the state's step count.
-    grads: float32 gradients of every leaf (after ``preprocess``).
-    latent: float32 latent weights (params at full-precision leaves).
-    quantized: :class:`QuantizedTensor` per leaf (None at full precision).
-    is_quantized: bool per leaf.
-    params: the params given to ``update``.
-    extra_args: ``update``'s extra keyword arguments.
-    diagnostics: whether the diagnostics are on.
-    last_stats: the :class:`~blaq_jax.state.Diagnostics` of the last step
-      (None when the diagnostics are off).
-    project: ``(latent list, weight list or None) -> list`` of
-      :class:`QuantizedTensor` (None at full-precision leaves).
-    params_at: ``quantized list -> params`` tree at those quantized leaves.
+    count, params, extra_args: the state's count, ``update``'s params and
+      extra keyword arguments.
+    grads, latent: float32 gradients (after ``preprocess``) and latent
+      weights (params at full-precision leaves) of every leaf.
+    quantized, is_quantized: :class:`QuantizedTensor` (None at full
+      precision) and bool per leaf.
+    diagnostics, last_stats: whether the diagnostics are on; the last
+      step's :class:`~blaq_jax.state.Diagnostics` (None when off).
+    project: ``(latent list, weight list or None) -> QuantizedTensor list``.
+    params_at: ``QuantizedTensor list -> params`` at those quantized leaves.
     gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``
-      averaged over ``batch_axis_name`` and preprocessed like the main one.
-    finite: whether ``grads`` are all finite. A rule may guard its state
-      with it early (the engine guards the whole state again; guarding and
-      materialising the moments before the latent step saves XLA copies).
+      averaged over ``batch_axis_name`` and preprocessed like ``grads``.
+    finite: whether ``grads`` are all finite (a rule may guard with it).
   """
 
   count: jax.Array
@@ -205,8 +161,7 @@ class Rule(NamedTuple):
     project: ``(w, weight, level_set, previous QuantizedTensor or None, *,
       channel_axis, tol, max_iter) -> (alpha, codes)``, one quantized leaf.
     needs: names of ``update``'s extra keyword arguments the rule needs.
-    fixed_rounds: by default, project 2-bit leaves with 2 fixed rounds (the
-      error measured for LAQ's D-weighted projection); False: converge.
+    fixed_rounds: by default project 2-bit leaves in 2 fixed rounds.
   """
 
   init: Callable
@@ -216,63 +171,50 @@ class Rule(NamedTuple):
   fixed_rounds: bool = False
 
 
-# Options every quantizing method takes, with their defaults.
+# Options every quantizing method takes, with their defaults; DROP removes one.
 OPTIONS = dict(quantize=None, channel_axis=None, clip_latent=None,
                preprocess=None, diagnostics=False, batch_axis_name=None,
                tol=None, max_iter=None)
+DROP = object()
 
 
 def with_options(**overrides):
   """Gives a method factory the engine's options as keyword-only arguments.
 
-  The factory takes its own arguments and ``**options``; its signature (what
-  ``inspect``, ``optax.inject_hyperparams`` and the docs see) lists both, so
-  the options are written once, here. ``overrides`` change a default, add
-  an option, or (value ``DROP``) remove one: ``bc`` has no
-  ``channel_axis``.
+  The factory takes its own arguments and ``**options``; the signature that
+  ``inspect``, ``optax.inject_hyperparams`` and the docs see lists both.
+  ``overrides`` change or add a default, or remove an option (value
+  ``DROP``: ``bc`` has no ``channel_axis``). Unknown keywords are refused.
   """
-  defaults = dict(OPTIONS)
-  for k, v in overrides.items():
-    if v is DROP:
-      defaults.pop(k)
-    else:
-      defaults[k] = v
+  defaults = {k: v for k, v in {**OPTIONS, **overrides}.items()
+              if v is not DROP}
 
   def wrap(factory):
     sig = inspect.signature(factory)
-    own = [p for p in sig.parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-             for k, v in defaults.items()]
-    factory.__signature__ = sig.replace(parameters=own + extra)
-    allowed = set(defaults)
+    sig = sig.replace(parameters=[
+        p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD] + [
+            inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+            for k, v in defaults.items()])
 
+    @functools.wraps(factory)
     def call(*args, **kwargs):
-      bad = set(kwargs) - allowed - set(sig.parameters)
+      bad = set(kwargs) - set(sig.parameters)
       if bad:
         raise TypeError(f"{factory.__name__}() got unexpected keyword "
                         f"argument(s) {sorted(bad)}.")
       opts = {k: kwargs.pop(k, v) for k, v in defaults.items()}
       return factory(*args, **kwargs, **opts)
 
-    call.__signature__ = factory.__signature__
-    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
-      setattr(call, attr, getattr(factory, attr))
-    call.__wrapped_factory__ = factory
+    factory.__signature__ = call.__signature__ = sig
     return call
 
   return wrap
 
 
-DROP = object()
-
-
 def check_unit_interval(name, value):
   """Raises ValueError unless a static ``value`` is a scalar in [0, 1]."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    return
-  v = np.asarray(value)
-  if v.shape != () or not 0.0 <= float(v) <= 1.0:
+  if not (callable(value) or isinstance(value, jax.core.Tracer)) and (
+      np.ndim(value) != 0 or not 0.0 <= float(value) <= 1.0):
     raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
 
 
@@ -287,21 +229,18 @@ def check_active(active):
 
 
 def is_active(active, count):
-  """Whether a method's optional stage runs at step ``count``: True, False,
-  or a traced bool (then the method selects with ``lax.cond``)."""
+  """Whether an optional stage runs at ``count``: True, False or traced."""
   if callable(active):
     on = active(count)
     return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
         on, jnp.bool_)
-  if isinstance(active, (int, np.integer)) and active == 1:
-    return True
-  return count % active == 0
+  return True if isinstance(active, (int, np.integer)) and active == 1 else (
+      count % active == 0)
 
 
 def select(on, if_on: Callable, if_off: Callable, x):
-  """``if_on(x)`` or ``if_off(x)`` for an :func:`is_active` value: a Python
-  bool picks at trace time, a traced one with ``lax.cond`` (only the branch
-  taken runs)."""
+  """``if_on(x)`` or ``if_off(x)`` for :func:`is_active`'s value (a traced
+  one with ``lax.cond``: only the branch taken runs)."""
   if on is True or on is False:
     return if_on(x) if on else if_off(x)
   return jax.lax.cond(on, if_on, if_off, x)
@@ -311,7 +250,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                      who: str, quantize=None, channel_axis=None,
                      clip_latent=None, preprocess=None, diagnostics=False,
                      batch_axis_name=None, tol=1e-6, max_iter=20):
-  """The transform of a :class:`Rule` (the methods' common loop, module doc).
+  """The transform of a :class:`Rule`: the loop every method shares.
 
   Args:
     rule: the method.
@@ -320,24 +259,21 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     quantize: which leaves are quantized (:mod:`blaq_jax.selection`).
     channel_axis: ``None`` (one scale per tensor) or the scaled axis.
     clip_latent: clip the latent weights to ``[-c, c]`` after each step.
-    preprocess: an ``optax.GradientTransformation`` applied to the gradient
-      given to ``update`` and to every gradient the rule evaluates (BLAQ's
-      trial gradient, with the state of the main call), e.g.
-      ``optax.clip_by_global_norm(1.0)``.
+    preprocess: an ``optax.GradientTransformation`` (e.g. clipping) applied
+      to the gradient given to ``update`` and to every gradient the rule
+      evaluates (BLAQ's trial gradient, with the state of the main call).
     diagnostics: keep :class:`~blaq_jax.state.Diagnostics` (flip fraction,
       update cosine, trial statistics) and the last latent update.
     batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis
       over which the gradients the rule evaluates are averaged.
-    tol, max_iter: the multi-bit projection (1 bit is exact in one pass).
-      ``tol=None``: ``max_iter`` alternation rounds per step, warm-started
-      from the last scale, with no data-dependent loop. ``tol > 0``: rounds
-      until the scale moves less than ``tol`` (cap ``max_iter``, default
-      20), the fixed point of the alternation. Default (both None): LAQ and
-      BLAQ take 2 fixed rounds at 2 bits (mean excess D-weighted error 2e-7,
-      max 1.1e-5 over an MNIST trajectory,
-      ``experiments/results/projection_error.md``); above 2 bits (3 rounds
-      would leave up to 1e-3), in the STE family's scale rules and at
-      ``init`` the rounds run to ``tol = 1e-6``.
+    tol, max_iter: the multi-bit projection (1 bit is exact). ``tol=None``:
+      ``max_iter`` rounds warm-started from the last scale, no data-dependent
+      loop; ``tol > 0``: rounds until the scale moves less than ``tol`` (cap
+      ``max_iter``, default 20). Default (both None): 2 fixed rounds at 2 bits
+      for LAQ/BLAQ (excess D-weighted error: mean 2e-7, max 1.1e-5 over an
+      MNIST run, ``experiments/results/projection_error.md``); above 2 bits
+      (3 rounds leave up to 1e-3), in the STE family and at ``init``: rounds
+      to ``tol = 1e-6``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -361,9 +297,6 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                   tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
                         for _, x in flat), sets)
 
-  def qt_of(alpha_codes, s):
-    return QuantizedTensor(alpha_codes[1], alpha_codes[0], s, channel_axis)
-
   def proj(w, d, s, prev):
     t, rounds = tol, max_iter
     if prev is None or (tol is None and max_iter is None and (
@@ -371,49 +304,48 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       t, rounds = 1e-6, 20  # init, and by default above 2 bits: converge
     elif rounds is None:
       rounds = 2 if tol is None else 20
-    return qt_of(rule.project(w, d, s, prev, channel_axis=channel_axis,
-                              tol=t, max_iter=rounds), s)
+    alpha, codes = rule.project(w, d, s, prev, channel_axis=channel_axis,
+                                tol=t, max_iter=rounds)
+    return QuantizedTensor(codes, alpha, s, channel_axis)
 
   def init_fn(params):
     layout = layout_of(params)
     leaves, treedef = jax.tree.flatten(params)
-    sets = layout.level_sets
-    qts = [proj(jnp.asarray(p, jnp.float32), None, s, None) if s else MASK for p, s in zip(leaves, sets)]
-    per_q = lambda fn: treedef.unflatten(  # noqa: E731
-        [fn(p) if s else MASK for p, s in zip(leaves, sets)])
-    diag = (DiagnosticsState(init_diagnostics(), per_q(jnp.zeros_like))
-            if diagnostics else optax.EmptyState())
+    per_q = lambda fn: [fn(p, s) if s else MASK  # noqa: E731
+                        for p, s in zip(leaves, layout.level_sets)]
+    diag = DiagnosticsState(init_diagnostics(), treedef.unflatten(
+        per_q(lambda p, s: jnp.zeros_like(p)))) if diagnostics else (
+            optax.EmptyState())
     return QuantizedLatentState(
         count=jnp.zeros([], jnp.int32),
-        latent=per_q(lambda p: jnp.array(p, copy=True)),
-        quantized=selection.pure_structure(params).unflatten(qts),
-        rule=rule.init(params, [bool(s) for s in sets]),
-        preprocess=pre.init(params),
-        skipped_steps=jnp.zeros([], jnp.int32),
-        cost=make_cost(),
-        diagnostics=diag,
-        layout=layout)
+        latent=treedef.unflatten(per_q(lambda p, s: jnp.array(p, copy=True))),
+        quantized=selection.pure_structure(params).unflatten(per_q(
+            lambda p, s: proj(jnp.asarray(p, jnp.float32), None, s, None))),
+        rule=rule.init(params, [bool(s) for s in layout.level_sets]),
+        preprocess=pre.init(params), skipped_steps=jnp.zeros([], jnp.int32),
+        cost=make_cost(), diagnostics=diag, layout=layout)
 
   def check(state, params, grads):
     if not isinstance(state, QuantizedLatentState):
       fields = getattr(state, "_fields", ())
-      old = ("mu" in fields or "inner" in fields) and "latent" in fields
+      v01 = ("mu" in fields or "inner" in fields) and "latent" in fields
       raise ValueError(
           f"{who}: the optimizer state is a {type(state).__name__}, not a "
           "QuantizedLatentState" + (
               ": it has the layout of blaq_jax 0.1 (LossAwareState/STEState),"
               " which this version cannot read. Create the state anew with "
               "init() (a checkpoint of the old layout cannot be resumed)."
-              if old else "; was it created by another optimizer?"))
-    layout = layout_of(params)
-    old = state.layout
-    if old.paths != layout.paths:
+              if v01 else "; was it created by another optimizer?"))
+    new, old = layout_of(params), state.layout
+    if old.paths != new.paths:
       raise ValueError(
           f"{who}: params do not match the optimizer state: leaves only in "
-          f"params: {sorted(set(layout.paths) - set(old.paths))}, only in "
-          f"the state: {sorted(set(old.paths) - set(layout.paths))}.")
-    for path, a, b, sa, sb in zip(layout.paths, old.shapes, layout.shapes,
-                                  old.level_sets, layout.level_sets):
+          f"params: {sorted(set(new.paths) - set(old.paths))}, only in "
+          f"the state: {sorted(set(old.paths) - set(new.paths))}.")
+    selection.check_same_structure(params, grads, f"{who}: the gradient")
+    for path, a, b, sa, sb, g in zip(new.paths, old.shapes, new.shapes,
+                                     old.level_sets, new.level_sets,
+                                     jax.tree.leaves(grads)):
       if a != b:
         raise ValueError(
             f"{who}: leaf '{path}' has shape {b[0]} and dtype {b[1]}, but the "
@@ -423,12 +355,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
             f"{who}: the state does not match this optimizer's "
             f"configuration at leaf '{path}' (state: {sa}, optimizer: {sb});"
             " was it created by another config?")
-    selection.check_same_structure(params, grads, f"{who}: the gradient")
-    for path, (shape, _), g in zip(layout.paths, layout.shapes,
-                                   jax.tree.leaves(grads)):
-      if tuple(jnp.shape(g)) != shape:
+      if tuple(jnp.shape(g)) != b[0]:
         raise ValueError(f"{who}: the gradient of leaf '{path}' has shape "
-                         f"{jnp.shape(g)}, the params {shape}.")
+                         f"{jnp.shape(g)}, the params {b[0]}.")
 
   def all_finite(xs):
     # x - x is nan at inf and nan, else 0, and a sum of zeros cannot
@@ -458,27 +387,19 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     q_or_none = [qt if s else None for qt, s in zip(qts, sets)]
 
     def project(ws, weights):
-      out = []
-      for i, (w, s) in enumerate(zip(ws, sets)):
-        if not s:
-          out.append(None)
-          continue
-        d = None if weights is None else weights[i]
-        out.append(proj(w, d, s, qts[i]))
-      return out
+      return [proj(w, None if weights is None else weights[i], s, qts[i])
+              if s else None for i, (w, s) in enumerate(zip(ws, sets))]
 
     def params_at(quantized):
-      return treedef.unflatten([
-          q.dequantize(p.dtype) if s else p
-          for q, p, s in zip(quantized, leaves, sets)])
+      return treedef.unflatten([q.dequantize(p.dtype) if s else p
+                                for q, p, s in zip(quantized, leaves, sets)])
 
     def gradient(at):
-      fn = extra_args["grad_fn"]
-      out = fn(at)
+      out = extra_args["grad_fn"](at)
       selection.check_same_structure(params, out,
                                      f"{who}: the output of grad_fn")
-      out = parallel.pmean(out, batch_axis_name, who=who)
-      out, _ = pre.update(out, state.preprocess, at, **extra_args)
+      out, _ = pre.update(parallel.pmean(out, batch_axis_name, who=who),
+                          state.preprocess, at, **extra_args)
       out = [x.astype(jnp.float32) for x in treedef.flatten_up_to(out)]
       return out, all_finite(out)
 
@@ -490,63 +411,54 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     step = rule.step(ctx, state.rule)
     ok = jnp.logical_and(finite, step.finite)
     q_ix = [i for i, s in enumerate(sets) if s]
-    stepped = list(step.latent)
-    if clip_latent is not None:
-      for i in q_ix:
-        stepped[i] = jnp.clip(stepped[i], -clip_latent, clip_latent)
+    stepped = [jnp.clip(w, -clip_latent, clip_latent)
+               if s and clip_latent is not None else w
+               for w, s in zip(step.latent, sets)]
     # A skipped step keeps every stored value. The guarded latent weights and
     # rule state are materialised once (the barrier): the projection's sums
     # and the emitted update then read them, instead of XLA recomputing the
     # step (and copying the donated buffers it overwrites) in each consumer.
-    guarded = [jnp.where(ok, stepped[i], latent[i]) for i in q_ix]
+    guarded = [jnp.where(ok, w, x) if s else None
+               for w, x, s in zip(stepped, latent, sets)]
     rule_state = step.rule if step.guarded else (
         optax.tree.where(ok, step.rule, state.rule))
     guarded, rule_state = jax.lax.optimization_barrier((guarded, rule_state))
     weights = step.weight(rule_state) if callable(step.weight) else (
         step.weight)
-    new_qts = project([guarded[q_ix.index(i)] if s else None
-                       for i, s in enumerate(sets)], weights)
+    new_qts = project(guarded, weights)
     keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
-    stored = [optax.tree.where(keep, new_qts[i], qts[i]) if s else qts[i]
-              for i, s in enumerate(sets)]
+    stored = [optax.tree.where(keep, n, o) if s else o
+              for n, o, s in zip(new_qts, qts, sets)]
     if step.commit is True:
       # The emitted update reads the stored codes (1 byte per entry) rather
       # than recomputing them from the latent weights.
-      stored = jax.lax.optimization_barrier(stored)
-      new_qts = stored
-    new_latent, ups = list(latent_in), []
-    for i, p in enumerate(leaves):
-      if not sets[i]:
-        ups.append(jnp.where(ok, stepped[i] - latent[i], 0).astype(p.dtype))
-        continue
-      ups.append(jnp.where(ok, new_qts[i].dequantize(p.dtype) - p, 0))
-      new_latent[i] = guarded[q_ix.index(i)].astype(latent_in[i].dtype)
+      stored = new_qts = jax.lax.optimization_barrier(stored)
+    ups = [jnp.where(ok, n.dequantize(p.dtype) - p, 0) if s else
+           jnp.where(ok, w - x, 0).astype(p.dtype)
+           for n, p, w, x, s in zip(new_qts, leaves, stepped, latent, sets)]
+    new_latent = treedef.unflatten([w.astype(x.dtype) if s else x for w, x, s
+                                    in zip(guarded, latent_in, sets)])
     diag = state.diagnostics
     if diagnostics:
       prev = treedef.flatten_up_to(diag.prev_update)
-      deltas = [guarded[k] - latent[i] for k, i in enumerate(q_ix)]
-      n_q = int(sum(np.prod(leaves[i].shape) for i in q_ix))
+      deltas = {i: guarded[i] - latent[i] for i in q_ix}
       stats = init_diagnostics()._replace(
-          flip_fraction=fraction_changed([new_qts[i].codes for i in q_ix],
-                                         [qts[i].codes for i in q_ix], n_q),
-          update_cosine=cosine(deltas, [prev[i] for i in q_ix]),
+          flip_fraction=fraction_changed(
+              [new_qts[i].codes for i in q_ix], [qts[i].codes for i in q_ix],
+              int(sum(np.prod(leaves[i].shape) for i in q_ix))),
+          update_cosine=cosine(list(deltas.values()), [prev[i] for i in q_ix]),
           **(step.trial or {}))
-      new_prev = list(prev)
-      for k, i in enumerate(q_ix):
-        new_prev[i] = deltas[k].astype(leaves[i].dtype)
-      diag = optax.tree.where(ok, DiagnosticsState(
-          stats, treedef.unflatten(new_prev)), diag)
+      diag = optax.tree.where(ok, DiagnosticsState(stats, treedef.unflatten(
+          [deltas[i].astype(p.dtype) if i in deltas else x
+           for i, (x, p) in enumerate(zip(prev, leaves))])), diag)
     new_state = state._replace(
         count=jnp.where(keep, optax.safe_increment(state.count), state.count),
-        latent=(treedef.unflatten(new_latent) if step.commit is True else
-                optax.tree.where(step.commit, treedef.unflatten(new_latent),
-                                 state.latent)),
-        quantized=qdef.unflatten(stored),
-        rule=rule_state,
+        latent=new_latent if step.commit is True else optax.tree.where(
+            step.commit, new_latent, state.latent),
+        quantized=qdef.unflatten(stored), rule=rule_state,
         preprocess=optax.tree.where(ok, pre_state, state.preprocess),
         skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
-        cost=make_cost(step.gradients, step.losses),
-        diagnostics=diag)
+        cost=make_cost(step.gradients, step.losses), diagnostics=diag)
     return treedef.unflatten(ups), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -569,10 +481,9 @@ def check_on_level_set(params, opt_state, *, ulps: float = 4.0) -> None:
   """Raises ValueError unless ``params`` are the state's quantized weights.
 
   Cheap (one comparison per quantized leaf, outside ``jit``). Fails when a
-  transform after the quantizer in a chain moved the params off the level
-  set, or when the params and the state come from different runs. The
-  emitted ``q - params`` lands within a few ulps of ``q``; ``ulps`` is that
-  tolerance, relative to ``|q|``.
+  transform after the quantizer moved the params off the level set, or when
+  params and state come from different runs. ``ulps``: the tolerance
+  relative to ``|q|`` (the emitted ``q - params`` lands within a few ulps).
 
   Example:
     >>> import jax.numpy as jnp, optax, blaq_jax
@@ -583,18 +494,16 @@ def check_on_level_set(params, opt_state, *, ulps: float = 4.0) -> None:
     ...
     ValueError: params leaf 'kernel' is off the optimizer's level set by up to 0.15 ...
   """
-  from blaq_jax.state import quantized_tensors  # pylint: disable=g-import-not-at-top
-  qt = selection.pure_structure(params).flatten_up_to(
-      quantized_tensors(opt_state))
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, p), t in zip(flat, qt):
+  qts = selection.pure_structure(params).flatten_up_to(
+      quantized_tensors(opt_state))
+  for (path, p), t in zip(flat, qts):
     if not isinstance(t, QuantizedTensor):
       continue
     q = np.asarray(t.dequantize(jnp.float32))
-    p = np.asarray(p, np.float32)
-    tol = ulps * np.finfo(np.float32).eps * np.maximum(np.abs(q), 1e-30)
-    err = np.abs(p - q)
-    if not np.all(err <= tol):
+    err = np.abs(np.asarray(p, np.float32) - q)
+    if not np.all(err <= ulps * np.finfo(np.float32).eps * np.maximum(
+        np.abs(q), 1e-30)):
       raise ValueError(
           f"params leaf '{selection.path_str(path)}' is off the optimizer's "
           f"level set by up to {float(err.max()):.3g} (expected alpha * beta"
