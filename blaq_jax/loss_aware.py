@@ -1,24 +1,9 @@
 """LAQ and BLAQ: loss-aware weight quantization as Optax transforms.
 
-Per quantized tensor, with ``g`` the gradient of the loss at the quantized
-weights ``q_t`` (what the transform receives as ``updates``), Adam moments and
-the diagonal curvature of LAB,
-
-.. math::
-
-  \\hat m_t = \\frac{m_t}{1 - b_1^t},\\quad
-  D_t = \\frac{\\epsilon + \\sqrt{\\hat v_t}}{\\eta_t},
-
-**LAQ** (Hou et al.) takes ``w_{t+1} = w_t - \\hat m_t / D_t`` and
-``q_{t+1} = \\operatorname{proj}_{D_t}(w_{t+1})``: an STE whose inner
-optimizer is Adam and whose projection is weighted by ``D``.
-
-**BLAQ** (Ma et al., AAAI 2024, Algorithm 1) first takes the same step as a
-trial, evaluates the gradient there on the same minibatch and backtracks
-with a blend of the real and the trial step (:func:`blaq`; its three
-readings are in :data:`BLENDS`). Both are rules of the engine
-(:mod:`blaq_jax.engine`); leaves that are not quantized are trained by
-plain Adam with the same hyper-parameters.
+One rule of the engine (:mod:`blaq_jax.engine`): Adam's step of the latent
+weights and a projection weighted by the curvature ``D``; BLAQ adds a trial
+step and a backtrack (:func:`blaq`). The math, BLAQ's three readings and
+how LAQ relates to the STE: ``docs/methods.rst``.
 """
 
 from __future__ import annotations
@@ -34,7 +19,7 @@ from blaq_jax import engine
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import project
-from blaq_jax.state import cosine, fraction_changed
+from blaq_jax.state import _find, cosine, fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Active = Union[int, Callable[[jax.Array], Any]]
@@ -46,14 +31,12 @@ class TrialState(NamedTuple):
   """BLAQ's trial (one-step-forward) state.
 
   Attributes:
-    pending: transparent mode only: True after a call that moved the params
-      to the trial point ``q*``; the next call's gradient is the trial
-      gradient ``g*`` and completes the step. Always False in opaque mode.
-    real_grad: transparent mode only: the real gradient ``g_t`` of quantized
-      leaves, kept for the second call (MaskedNode otherwise).
-    trial_latent: the trial latent weights ``w*`` of the last active step
-      (quantized leaves; only with ``keep_trial=True``, else MaskedNode).
-    trial_grad: the trial gradient ``g*`` of the last active step (same).
+    pending: transparent mode: True after a call that moved the params to
+      the trial point ``q*``; the next call brings ``g*`` (else False).
+    real_grad: transparent mode: the real gradient ``g_t`` of quantized
+      leaves, kept for that second call (else MaskedNode).
+    trial_latent, trial_grad: ``w*`` and ``g*`` of the last active step at
+      quantized leaves (with ``keep_trial=True``, else MaskedNode).
   """
 
   pending: jax.Array
@@ -63,19 +46,17 @@ class TrialState(NamedTuple):
 
 
 class LossAwareState(NamedTuple):
-  """The rule state of :func:`laq` and :func:`blaq` (inside
-  :class:`~blaq_jax.engine.QuantizedLatentState`, field ``rule``).
+  """The rule state of :func:`laq` and :func:`blaq` (field ``rule`` of
+  :class:`~blaq_jax.engine.QuantizedLatentState`).
 
   Attributes:
-    mu: Adam first moments of every leaf (of the gradient w.r.t. ``q`` for
-      quantized leaves).
-    sqrt_nu: the square roots ``sqrt(v)`` of Adam's second moments of every
-      leaf (stored as roots so that the projection's sums, which weight by
-      ``D``, run no square root).
+    mu: Adam first moments of every leaf (at quantized leaves, of the
+      gradient w.r.t. ``q``).
+    sqrt_nu: ``sqrt(v)`` of Adam's second moments (roots, so that the
+      projection's ``D``-weighted sums run no square root).
     trial: :class:`TrialState` (``optax.EmptyState()`` for LAQ).
 
-  The curvature ``D`` is not stored (a function of ``sqrt_nu`` and the
-  count): :func:`curvature` computes it.
+  ``D`` is not stored: :func:`curvature` computes it.
   """
 
   mu: Any
@@ -90,7 +71,6 @@ def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
   Uses the stored ``sqrt_nu`` and count; ``b2``/``eps`` must be those of
   the transform. Returned for every leaf.
   """
-  from blaq_jax.state import _find  # pylint: disable=g-import-not-at-top
   count = _find(opt_state, "count")
   sqrt_nu = optax.tree.get(opt_state, "sqrt_nu")
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
@@ -103,22 +83,20 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
   """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ."""
 
   def init(params, quantized):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    if not trial:
-      return LossAwareState(zeros(), zeros(), optax.EmptyState())
     leaves, treedef = jax.tree.flatten(params)
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     per_q = lambda on: treedef.unflatten(  # noqa: E731
         [jnp.zeros_like(p) if on and qi else MASK
          for p, qi in zip(leaves, quantized)])
     return LossAwareState(zeros(), zeros(), TrialState(
-        pending=jnp.zeros([], jnp.bool_),
-        real_grad=per_q(not opaque), trial_latent=per_q(keep_trial),
-        trial_grad=per_q(keep_trial)))
+        jnp.zeros([], jnp.bool_), per_q(not opaque), per_q(keep_trial),
+        per_q(keep_trial)) if trial else optax.EmptyState())
 
   def step(ctx, state):
     treedef = jax.tree.structure(ctx.params)
     leaves = treedef.flatten_up_to(ctx.params)
     q = ctx.is_quantized
+    ix = [i for i, qi in enumerate(q) if qi]
     lr = learning_rate(ctx.count) if callable(learning_rate) else (
         learning_rate)
     a_t = a(ctx.count) if callable(a) else a
@@ -136,11 +114,9 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
                                 for x, p, qi in zip(xs, leaves, q)])
 
     def root_den(sq, count):
-      """``eta D = sqrt(v_hat) + eps`` as triples ``(x, e, r)`` with
-      ``eta D = (x + e) / r``: ``x = sqrt(v)``, ``r = sqrt(1 - b2^t)``,
-      ``e = eps r``. The projection takes ``(x, e)`` (``D`` up to a
-      constant; :func:`_project`), so it reads the stored roots as they
-      are."""
+      """``eta D = sqrt(v_hat) + eps = (x + e) / r`` as triples ``(x, e, r)``:
+      ``x = sqrt(v)``, ``r = sqrt(1 - b2^t)``, ``e = eps r``. The projection
+      takes ``(x, e)`` (``D`` up to a constant): the stored roots, as is."""
       r = jnp.sqrt(1 - b2 ** jnp.asarray(count, jnp.float32))
       return [(s, eps * r, r) for s in sq]
 
@@ -154,10 +130,8 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
               [jnp.sqrt(b2 * s * s + (1 - b2) * x * x) for x, s in zip(g, sq)])
 
     def adam(g, mu, sq, count, at, guard=False):
-      """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22).
-
-      ``sq`` holds ``sqrt(v)``; ``den`` is a list of triples
-      (:func:`root_den`)."""
+      """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22);
+      ``sq`` holds ``sqrt(v)``, ``den`` triples (:func:`root_den`)."""
       new_mu, new_sq = adam_moments(g, mu, sq)
       if guard:  # kept if g is not finite; written once, read by the step
         new_mu, new_sq = jax.lax.optimization_barrier(
@@ -182,7 +156,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=True)
       w = [w - lr * m / total(d) for w, m, d in zip(ctx.latent, m_hat, den)]
       return w, den, (mu, nu), state.trial, jnp.ones([], jnp.bool_), (
-          trial_stats(None, None, g, None))
+          trial_stats())
 
     def stored_den(den):
       """``den`` again from the stored (guarded) ``sqrt_nu`` (float32
@@ -196,23 +170,20 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
                 for s, x, p in zip(stored, den, leaves)]
       return weight
 
-    def trial_stats(on, q_star, g, g_star):
+    def trial_stats(q_star=None, g=None, g_star=None, flips=None):
+      """The trial's diagnostics (None when off); no ``q_star`` or ``flips``:
+      an inactive step."""
       if not ctx.diagnostics:
         return None
-      if on is None:
-        z = jnp.zeros([], jnp.float32)
-        return dict(trial_active=jnp.zeros([], jnp.bool_),
-                    trial_flip_fraction=z, trial_grad_cosine=z)
-      ix = [i for i, qi in enumerate(q) if qi]
-      n_q = int(sum(np.prod(leaves[i].shape) for i in ix))
-      return dict(
-          trial_active=jnp.ones([], jnp.bool_),
-          trial_flip_fraction=fraction_changed(
-              [q_star[i].codes for i in ix],
-              [ctx.quantized[i].codes for i in ix], n_q),
-          trial_grad_cosine=(jnp.zeros([], jnp.float32) if g is None else
-                             cosine([g[i] for i in ix],
-                                    [g_star[i] for i in ix])))
+      z = jnp.zeros([], jnp.float32)
+      if q_star is not None:
+        flips = fraction_changed(
+            [q_star[i].codes for i in ix], [ctx.quantized[i].codes for i in ix],
+            int(sum(np.prod(leaves[i].shape) for i in ix)))
+      return dict(trial_active=(jnp.zeros if flips is None else jnp.ones)(
+          [], jnp.bool_), trial_flip_fraction=z if flips is None else flips,
+                  trial_grad_cosine=z if g_star is None else cosine(
+                      [g[i] for i in ix], [g_star[i] for i in ix]))
 
     def backtrack(g, g_star, mu, nu, m_hat, den, trial_params):
       """Lines 21-24 of Algorithm 1 (the real step of quantized leaves)."""
@@ -266,61 +237,52 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           trial_latent=q_tree(w_star, keep_trial),
           trial_grad=q_tree(g_star, keep_trial)), state.trial)
       return w, d_bar, new_moments, kept, finite, trial_stats(
-          True, q_star, g, g_star)
+          q_star, g, g_star)
 
-    def result(out, gradients, commit=True):
-      w, weight, (mu, nu), trial_state, finite, stats = out
+    def result(w, weight, mu_nu, trial_state, finite, stats, gradients=1,
+               commit=True):
       return engine.Step(
           latent=w, weight=weight,
-          rule=LossAwareState(tree(mu), tree(nu), trial_state),
+          rule=LossAwareState(tree(mu_nu[0]), tree(mu_nu[1]), trial_state),
           finite=finite, commit=commit, gradients=gradients, trial=stats,
           guarded=not trial or opaque)
 
     if not trial:
-      out = laq_step(ctx.grads)
-      return result((out[0], stored_den(out[1])) + out[2:4] + (True,)
-                    + out[5:], 1)
+      w, den, mu_nu, _, _, stats = laq_step(ctx.grads)
+      return result(w, stored_den(den), mu_nu, state.trial, True, stats)
     on = engine.is_active(active, ctx.count)
     if opaque:
-      return result(engine.select(on, algorithm_1, laq_step, ctx.grads),
-                    1 + jnp.asarray(on, jnp.int32))
+      return result(*engine.select(on, algorithm_1, laq_step, ctx.grads),
+                    gradients=1 + jnp.asarray(on, jnp.int32))
 
     # Transparent mode: an active step takes two calls. The first moves the
     # params to the trial point q*; the second brings g* and backtracks.
     def start(g):
-      mu, nu, m_hat, den, w_star, q_star = trial_point(g)
-      del m_hat
-      visit = [w if qi else p for w, p, qi in zip(w_star, ctx.latent, q)]
-      return (visit, den, (mu, nu), state.trial._replace(
+      mu, nu, _, den, w_star, q_star = trial_point(g)
+      return (w_star, den, (mu, nu), state.trial._replace(
           pending=jnp.ones([], jnp.bool_), real_grad=q_tree(g, True)),
-          jnp.ones([], jnp.bool_), trial_stats(True, q_star, None, None),
-          jnp.zeros([], jnp.bool_))
+              jnp.ones([], jnp.bool_), trial_stats(q_star),
+              jnp.zeros([], jnp.bool_))
 
     def complete(g_star):
       g = [x.astype(jnp.float32) if qi else gs for x, gs, qi in zip(
           treedef.flatten_up_to(state.trial.real_grad), g_star, q)]
-      m_hat = optax.tree.bias_correction(mu0, b1, t)
-      den = root_den(nu0, t)
       w, d_bar, new_moments = backtrack(  # the params are at q* now
-          g, g_star, mu0, nu0, m_hat, den, ctx.params)
-      stats = None
-      if ctx.diagnostics:  # the trial statistics of the first call
-        stats = dict(trial_active=jnp.ones([], jnp.bool_),
-                     trial_flip_fraction=ctx.last_stats.trial_flip_fraction,
-                     trial_grad_cosine=jnp.zeros([], jnp.float32))
+          g, g_star, mu0, nu0, optax.tree.bias_correction(mu0, b1, t),
+          root_den(nu0, t), ctx.params)
       return (w, d_bar, new_moments, state.trial._replace(
-          pending=jnp.zeros([], jnp.bool_)), jnp.ones([], jnp.bool_), stats,
+          pending=jnp.zeros([], jnp.bool_)), jnp.ones([], jnp.bool_),
+              trial_stats(flips=getattr(  # the first call's
+                  ctx.last_stats, "trial_flip_fraction", None)),
               jnp.ones([], jnp.bool_))
 
-    def laq_commit(g):
-      return laq_step(g) + (jnp.ones([], jnp.bool_),)
+    out = jax.lax.cond(state.trial.pending, complete, lambda g: engine.select(
+        on, start, lambda g: laq_step(g) + (jnp.ones([], jnp.bool_),), g),
+                       ctx.grads)
+    return result(*out[:-1], commit=out[-1])
 
-    out = jax.lax.cond(
-        state.trial.pending, complete,
-        lambda g: engine.select(on, start, laq_commit, g), ctx.grads)
-    return result(out[:-1], 1, commit=out[-1])
-
-  return engine.Rule(init, step, _project, (), fixed_rounds=True)
+  return engine.Rule(init, step, _project, ("grad_fn",) if trial and opaque
+                     else (), fixed_rounds=True)
 
 
 def _project(w, d, level_set, prev, **options):
@@ -332,35 +294,23 @@ def _project(w, d, level_set, prev, **options):
                  prev_alpha=None if prev is None else prev.alpha, **options)
 
 
-def _level_sets(level_set, bits):
+def _level_sets(level_set, bits, b1, b2):
+  """Checks the arguments LAQ and BLAQ share; their level sets per leaf."""
   bits = check_bits(bits, level_set if level_set in KINDS else "blaq")
   if level_set not in KINDS:
     raise ValueError(f"Unknown level_set {level_set!r}; expected one of "
                      f"{KINDS}.")
-
-  def level_sets(params, quantize):
-    return [LevelSet(level_set, b) if b else None
-            for b in selection.resolve_bits(params, quantize, bits,
-                                            level_set)]
-  return level_sets
-
-
-def _check_adam(b1, b2):
   for name, value in (("b1", b1), ("b2", b2)):
     engine.check_unit_interval(name, value)
+  return lambda params, quantize: [
+      LevelSet(level_set, b) if b else None
+      for b in selection.resolve_bits(params, quantize, bits, level_set)]
 
 
 @engine.with_options()
-def laq(
-    learning_rate: ScalarOrSchedule,
-    *,
-    bits: int = 1,
-    level_set: str = "blaq",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def laq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
+        level_set: str = "blaq", b1: float = 0.9, b2: float = 0.999,
+        eps: float = 1e-8, **options) -> optax.GradientTransformationExtraArgs:
   """Loss-aware weight quantization (LAB / LAQ, Hou et al. 2017, 2018).
 
   .. math::
@@ -379,10 +329,9 @@ def laq(
       ``"linear"`` (with zero; 2 bits = ternary) or ``"log"``; see
       :mod:`blaq_jax.levels`.
     b1, b2, eps: Adam's hyper-parameters (also for full-precision leaves).
-    **options: the engine's options, common to every quantizing method:
-      ``quantize``, ``channel_axis``, ``clip_latent``, ``preprocess``,
-      ``diagnostics``, ``batch_axis_name``, ``tol``, ``max_iter``; see
-      :func:`blaq_jax.engine.quantized_latent`.
+    **options: the engine's options (``quantize``, ``channel_axis``,
+      ``clip_latent``, ``preprocess``, ``diagnostics``, ``batch_axis_name``,
+      ``tol``, ``max_iter``): :func:`blaq_jax.engine.quantized_latent`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -401,30 +350,19 @@ def laq(
     >>> jnp.unique(jnp.abs(params["kernel"])).size  # one scale, two signs
     1
   """
-  sets = _level_sets(level_set, bits)
-  _check_adam(b1, b2)
+  sets = _level_sets(level_set, bits, b1, b2)
   return engine.quantized_latent(
       _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=False), sets,
       who="laq", **options)
 
 
 @engine.with_options()
-def blaq(
-    learning_rate: ScalarOrSchedule,
-    *,
-    bits: int = 1,
-    a: ScalarOrSchedule = 0.6,
-    active: Active = 1,
-    blend: str = "lookahead",
-    level_set: str = "blaq",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    opaque: bool = True,
-    moments: str = "real",
-    keep_trial: bool = False,
-    **options,
-) -> optax.GradientTransformationExtraArgs:
+def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
+         a: ScalarOrSchedule = 0.6, active: Active = 1,
+         blend: str = "lookahead", level_set: str = "blaq", b1: float = 0.9,
+         b2: float = 0.999, eps: float = 1e-8, opaque: bool = True,
+         moments: str = "real", keep_trial: bool = False,
+         **options) -> optax.GradientTransformationExtraArgs:
   """BLAQ: LAQ with a one-step-forward trial and backtrack (Ma et al. 2024).
 
   One active step, numbered as Algorithm 1 of the paper's appendix:
@@ -454,17 +392,12 @@ def blaq(
   ``"gradients"``  ``a g_t + (1-a) g*`` (no momentum)    ``1-a``
   ===============  ====================================  ==================
 
-  With ``b1 = 0`` the three coincide. ``"lookahead"`` is the default because
-  it did best on real networks: in the paired-seed regime map
-  (``experiments/results/regime/``: a 784-256x3-10 MLP, MNIST and
-  Fashion-MNIST, 1 and 2 bits, three learning rates, 8 seeds, m = 1) it beat
-  LAQ in 9 of 12 cells and ``"moments"`` in 8 (95% intervals above 0), and
-  lost to neither anywhere; on 1-D toys ``"moments"`` converged first more
-  often (``experiments/results/toy/``). With ``a = 1`` (``"moments"``,
+  With ``b1 = 0`` the three coincide. ``"lookahead"`` is the default: it did
+  best on real networks (the paired-seed regime map,
+  ``experiments/README.md``). With ``a = 1`` (``"moments"``,
   ``"lookahead"``), or on steps where ``active`` is false, the update is
   exactly :func:`laq`'s. Theorem 2 of the paper: BLAQ converges faster than
-  LAQ for ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take LAQ's
-  (Adam's) step.
+  LAQ for ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
 
   Args:
     learning_rate: float or Optax schedule.
@@ -479,12 +412,11 @@ def blaq(
       ``"moments"`` or ``"gradients"`` (table above).
     opaque: ``True``: ``update(grads, state, params, *, grad_fn)`` calls
       ``grad_fn(trial_params) -> grads`` (same minibatch) inside the step.
-      ``False`` (transparent): an active step takes two successive ``update``
-      calls; the first moves the params to the trial point ``q*``, the second
-      must be given the gradient there. A plain loop feeding a new minibatch
-      each call then takes the trial gradient on the next minibatch, and a
-      BatchNorm model updates its running statistics at the trial point too;
-      use the opaque mode to follow the paper exactly.
+      ``False`` (transparent): an active step takes two ``update`` calls, the
+      first moving the params to ``q*``, the second given the gradient there;
+      a loop feeding a new minibatch each call then takes ``g*`` on the next
+      minibatch (and BatchNorm statistics at ``q*``): the opaque mode follows
+      the paper exactly.
     moments: what the next step inherits: ``"real"`` (default; the moments
       of the real gradient, the trial is a look-ahead only) or ``"blended"``
       (``a m_t + (1-a) m*`` and likewise ``v``).
@@ -512,8 +444,7 @@ def blaq(
     >>> jnp.sign(params["kernel"]).tolist()
     [[1.0, -1.0], [1.0, -1.0]]
   """
-  sets = _level_sets(level_set, bits)
-  _check_adam(b1, b2)
+  sets = _level_sets(level_set, bits, b1, b2)
   engine.check_unit_interval("a", a)
   engine.check_active(active)
   if blend not in BLENDS:
@@ -523,6 +454,4 @@ def blaq(
   rule = _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=True, a=a,
                active=active, blend=blend, moments=moments, opaque=opaque,
                keep_trial=keep_trial)
-  if opaque:
-    rule = rule._replace(needs=("grad_fn",))
   return engine.quantized_latent(rule, sets, who="blaq", **options)
