@@ -246,6 +246,15 @@ def select(on, if_on: Callable, if_off: Callable, x):
   return jax.lax.cond(on, if_on, if_off, x)
 
 
+def all_finite(xs):
+  """Whether every entry of the arrays ``xs`` is finite (a scalar bool).
+
+  ``x - x`` is nan at inf and nan, else 0, and a sum of zeros cannot
+  overflow: one fused reduction per array, no boolean array written.
+  """
+  return jnp.isfinite(sum((jnp.sum(x - x) for x in xs), jnp.float32(0)))
+
+
 def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                      who: str, quantize=None, channel_axis=None,
                      clip_latent=None, preprocess=None, diagnostics=False,
@@ -358,11 +367,6 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       if tuple(jnp.shape(g)) != b[0]:
         raise ValueError(f"{who}: the gradient of leaf '{path}' has shape "
                          f"{jnp.shape(g)}, the params {b[0]}.")
-
-  def all_finite(xs):
-    # x - x is nan at inf and nan, else 0, and a sum of zeros cannot
-    # overflow: one fused reduction per leaf, no boolean array written.
-    return jnp.isfinite(sum((jnp.sum(x - x) for x in xs), jnp.float32(0)))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:

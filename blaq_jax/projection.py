@@ -143,10 +143,10 @@ def fused_sums(terms, axes, lanes: int = 16):
   reduction runs over ``C / lanes``, so each row keeps ``lanes`` independent
   accumulators and no add chain runs over millions of entries (one chain
   over a whole tensor loses ~1e-3 relative); the partial sums
-  (``1 / (C / lanes)`` of the tensor) are added last. A tensor sharded over several mesh axes is reduced in
-  place: only the partial sums cross devices. A last axis that ``lanes``
-  does not divide is reduced whole; per-channel sums and vectors use one
-  ``jnp.sum`` per term.
+  (``1 / (C / lanes)`` of the tensor) are added last. A tensor sharded over
+  several mesh axes is reduced in place: only the partial sums cross devices.
+  A last axis that ``lanes`` does not divide is reduced whole; per-channel
+  sums and vectors use one ``jnp.sum`` per term.
 
   Example:
     >>> import jax.numpy as jnp
@@ -225,6 +225,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     ok = den > 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
+  no_eps = isinstance(eps, (int, float)) and eps == 0
   if level_set.kind == "blaq" and level_set.bits == 1:
     # Two plain sums with no shared subexpression (max(w, -w) is |w|; the
     # constant eps is added in closed form to the second): XLA:CPU reduces
@@ -237,10 +238,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       eps = eps + 0 * jnp.max(fallback)
     s1 = jnp.sum((d + eps) * jnp.maximum(w, -w), axes)
     s2 = jnp.sum(d, axes)
-    if not (isinstance(eps, (int, float)) and eps == 0):
+    if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
     return safe_ratio(s1, s2), level_set.codes(w)
-  if not (isinstance(eps, (int, float)) and eps == 0):
+  if not no_eps:
     d = d + eps
 
   def alpha_for(beta):

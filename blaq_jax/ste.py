@@ -116,8 +116,7 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
           surrogate=surrogate, perturbed_params=lambda ws: ctx.params_at(
               ctx.project(put(ctx.latent, ws), None)),
           extra_args=ctx.extra_args)
-      finite = jnp.stack([jnp.isfinite(x).all() for x in g_q]).all() if (
-          g_q) else True
+      finite = engine.all_finite(g_q) if g_q else True
     as_params = lambda xs: treedef.unflatten(  # noqa: E731
         [x.astype(p.dtype) for x, p in zip(xs, leaves)])
     ok = jnp.logical_and(ctx.finite, finite)
