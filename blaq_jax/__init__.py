@@ -27,6 +27,7 @@ from blaq_jax.schedules import one_epoch_every
 from blaq_jax.selection import default_quantize
 from blaq_jax.selection import path_str
 from blaq_jax.state import Diagnostics
+from blaq_jax.state import LeafScale
 from blaq_jax.state import QuantizedTensor
 from blaq_jax.state import codes
 from blaq_jax.state import latent_params

@@ -33,9 +33,9 @@ import optax
 
 from blaq_jax import parallel
 from blaq_jax import selection
-from blaq_jax.state import (Diagnostics, QuantizedTensor, StepCost, cosine,
-                            fraction_changed, init_diagnostics, make_cost,
-                            quantized_tensors)
+from blaq_jax.state import (Diagnostics, LeafScale, QuantizedTensor, StepCost,
+                            cosine, fraction_changed, init_diagnostics,
+                            make_cost, quantized_tensors)
 
 MASK = optax.MaskedNode()
 
@@ -69,8 +69,8 @@ class QuantizedLatentState(NamedTuple):
   Attributes:
     count: number of completed steps, int32.
     latent: latent weights ``w`` (MaskedNode at full-precision leaves).
-    quantized: :class:`~blaq_jax.state.QuantizedTensor` of ``q_t`` at
-      quantized leaves (MaskedNode elsewhere).
+    quantized: :class:`~blaq_jax.state.LeafScale` of ``q_t`` at quantized
+      leaves (MaskedNode elsewhere); its codes follow from ``latent``.
     rule: the method's own state (Adam moments for LAQ/BLAQ, ...).
     preprocess: state of the ``preprocess`` transform.
     skipped_steps: steps skipped because a gradient was not finite, int32.
@@ -159,7 +159,9 @@ class Rule(NamedTuple):
     init: ``(params, [is the leaf quantized]) -> rule state``.
     step: ``(Context, rule state) -> Step``.
     project: ``(w, weight, level_set, previous QuantizedTensor or None, *,
-      channel_axis, tol, max_iter) -> (alpha, codes)``, one quantized leaf.
+      channel_axis, tol, max_iter) -> (alpha, unit)``, one quantized leaf:
+      the codes are ``projection.encode(w, alpha, level_set, channel_axis,
+      unit)`` (``unit``: None, or TWN's).
     needs: names of ``update``'s extra keyword arguments the rule needs.
     fixed_rounds: by default project 2-bit leaves in 2 fixed rounds.
   """
@@ -313,9 +315,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       t, rounds = 1e-6, 20  # init, and by default above 2 bits: converge
     elif rounds is None:
       rounds = 2 if tol is None else 20
-    alpha, codes = rule.project(w, d, s, prev, channel_axis=channel_axis,
-                                tol=t, max_iter=rounds)
-    return QuantizedTensor(codes, alpha, s, channel_axis)
+    alpha, unit = rule.project(w, d, s, prev, channel_axis=channel_axis,
+                               tol=t, max_iter=rounds)
+    return LeafScale(alpha, unit, s, channel_axis)
 
   def init_fn(params):
     layout = layout_of(params)
@@ -385,14 +387,18 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                                         **extra_args)
     g = [x.astype(jnp.float32) for x in treedef.flatten_up_to(pre_updates)]
     latent_in = treedef.flatten_up_to(state.latent)
-    qts = qdef.flatten_up_to(state.quantized)
+    scales = qdef.flatten_up_to(state.quantized)
     latent = [(w if s else p).astype(jnp.float32)
               for w, p, s in zip(latent_in, leaves, sets)]
-    q_or_none = [qt if s else None for qt, s in zip(qts, sets)]
+    old = [sc.at(w) if s else None for sc, w, s in zip(scales, latent, sets)]
+
+    def scales_of(ws, weights):
+      return [proj(w, None if weights is None else weights[i], s, old[i])
+              if s else None for i, (w, s) in enumerate(zip(ws, sets))]
 
     def project(ws, weights):
-      return [proj(w, None if weights is None else weights[i], s, qts[i])
-              if s else None for i, (w, s) in enumerate(zip(ws, sets))]
+      return [sc.at(w) if sc else None
+              for sc, w in zip(scales_of(ws, weights), ws)]
 
     def params_at(quantized):
       return treedef.unflatten([q.dequantize(p.dtype) if s else p
@@ -408,7 +414,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       return out, all_finite(out)
 
     finite = all_finite(g)
-    ctx = Context(state.count, g, latent, q_or_none, [bool(x) for x in sets],
+    ctx = Context(state.count, g, latent, old, [bool(x) for x in sets],
                   params, extra_args, diagnostics,
                   state.diagnostics.stats if diagnostics else None,
                   project, params_at, gradient, finite)
@@ -429,26 +435,26 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     guarded, rule_state = jax.lax.optimization_barrier((guarded, rule_state))
     weights = step.weight(rule_state) if callable(step.weight) else (
         step.weight)
-    new_qts = project(guarded, weights)
+    new_scales = scales_of(guarded, weights)
     keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
     stored = [optax.tree.where(keep, n, o) if s else o
-              for n, o, s in zip(new_qts, qts, sets)]
-    if step.commit is True:
-      # The emitted update reads the stored codes (1 byte per entry) rather
-      # than recomputing them from the latent weights.
-      stored = new_qts = jax.lax.optimization_barrier(stored)
+              for n, o, s in zip(new_scales, scales, sets)]
+    # Codes are derived from the latent weights as stored (their dtype).
+    kept = [w.astype(x.dtype) if s else x
+            for w, x, s in zip(guarded, latent_in, sets)]
+    new_qts = [n.at(w) if s else None
+               for n, w, s in zip(new_scales, kept, sets)]
     ups = [jnp.where(ok, n.dequantize(p.dtype) - p, 0) if s else
            jnp.where(ok, w - x, 0).astype(p.dtype)
            for n, p, w, x, s in zip(new_qts, leaves, stepped, latent, sets)]
-    new_latent = treedef.unflatten([w.astype(x.dtype) if s else x for w, x, s
-                                    in zip(guarded, latent_in, sets)])
+    new_latent = treedef.unflatten(kept)
     diag = state.diagnostics
     if diagnostics:
       prev = treedef.flatten_up_to(diag.prev_update)
       deltas = {i: guarded[i] - latent[i] for i in q_ix}
       stats = init_diagnostics()._replace(
           flip_fraction=fraction_changed(
-              [new_qts[i].codes for i in q_ix], [qts[i].codes for i in q_ix],
+              [new_qts[i].codes for i in q_ix], [old[i].codes for i in q_ix],
               int(sum(np.prod(leaves[i].shape) for i in q_ix))),
           update_cosine=cosine(list(deltas.values()), [prev[i] for i in q_ix]),
           **(step.trial or {}))

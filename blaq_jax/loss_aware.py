@@ -289,9 +289,11 @@ def _project(w, d, level_set, prev, **options):
   """``proj_D`` (Algorithm 2), warm-started from the previous codes; ``d`` is
   a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``."""
   x, e = (jnp.ones_like(w), 0.0) if d is None else d[:2]
-  return project(w, x, level_set, eps=e,
-                 prev_codes=None if prev is None else prev.codes,
-                 prev_alpha=None if prev is None else prev.alpha, **options)
+  alpha, _ = project(w, x, level_set, eps=e,
+                     prev_codes=None if prev is None else prev.codes,
+                     prev_alpha=None if prev is None else prev.alpha,
+                     **options)
+  return alpha, None
 
 
 def _level_sets(level_set, bits, b1, b2):

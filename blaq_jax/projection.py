@@ -13,8 +13,9 @@ diagonal curvature ``d`` it solves
   ``alpha = sum(d beta w) / sum(d beta^2)``. Because ``beta`` is a
   closed-form function of ``w / alpha``, only ``alpha`` is carried: each
   round is one fused pass over ``(w, d)`` that forms both sums, and the codes
-  are written once at the end, ``codes = nearest_Q(w / alpha)`` (the
-  ``beta`` half-step of one more round, so never worse than the last round).
+  are those of the final scale, ``codes = nearest_Q(w / alpha)``
+  (:func:`encode`; the ``beta`` half-step of one more round, so never worse
+  than the last round).
   Every round lowers the objective (or keeps it), from any start.
 
   - ``tol > 0`` (the default): rounds until ``|alpha - alpha_old| < tol`` or
@@ -94,27 +95,27 @@ def dequantize(alpha, codes, level_set: LevelSet, channel_axis=None,
   return (a * beta).astype(dtype)
 
 
-def dequantize_latent(w, alpha, level_set: LevelSet, channel_axis=None,
-                      dtype=jnp.float32):
-  """``q = alpha * nearest_Q(w / alpha)`` without forming codes.
+def encode(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
+  """Codes of the levels nearest to ``w / unit`` (``unit``: ``alpha`` if None).
 
-  Equal, bit for bit, to ``dequantize(alpha, codes)`` with the codes
-  :func:`~blaq_jax.projection.project` returns for ``w`` and ``alpha``: a
-  step can emit ``q - params`` from the latent weights and the scale in the
-  same pass, and codes can be derived on demand
-  (``level_set.codes(w / alpha)``).
+  The codes the projection returns for ``w`` and its ``alpha``, so a state
+  need not store them: they follow from the latent weights and the scale.
+  At 1 bit they are the sign of ``w`` (no division: ``w / alpha`` can
+  underflow to ``-0``). ``unit`` serves rules whose codes are not the
+  nearest levels of ``w / alpha`` (TWN's threshold: ``unit = 2 delta``).
 
   Example:
     >>> import jax.numpy as jnp
     >>> from blaq_jax.levels import LevelSet
     >>> w = jnp.array([0.3, -0.1, 0.2, -0.4])
-    >>> q = dequantize_latent(w, jnp.array(0.34), LevelSet("blaq", 2))
-    >>> [round(x, 4) for x in q.tolist()]
-    [0.34, -0.17, 0.17, -0.34]
+    >>> encode(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
+    [3, 1, 2, 0]
   """
   w = jnp.asarray(w, jnp.float32)
-  a = _expand(jnp.asarray(alpha, jnp.float32), w.ndim, channel_axis)
-  return (a * level_set.nearest(w / a)).astype(dtype)
+  if level_set.kind == "blaq" and level_set.bits == 1:
+    return level_set.codes(w)
+  u = jnp.asarray(alpha if unit is None else unit, jnp.float32)
+  return level_set.codes(w / _expand(u, w.ndim, channel_axis))
 
 
 def extrapolate(alpha, alpha_before):
@@ -240,7 +241,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     s2 = jnp.sum(d, axes)
     if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
-    return safe_ratio(s1, s2), level_set.codes(w)
+    return safe_ratio(s1, s2), encode(w, None, level_set)
   if not no_eps:
     d = d + eps
 
@@ -261,7 +262,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       alpha = initial_scale(w, d, level_set, channel_axis=channel_axis)
     alpha = _fixed_rounds(alpha, int(max_iter), w, d, axes, beta_at,
                           safe_ratio)
-    return alpha, level_set.codes(w / _expand(alpha, w.ndim, channel_axis))
+    return alpha, encode(w, alpha, level_set, channel_axis)
 
   if prev_codes is not None:
     beta0 = level_set.decode(prev_codes)
@@ -280,7 +281,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
 
   alpha1 = alpha_for(beta_at(alpha0))
   _, alpha, _ = jax.lax.while_loop(cond, body, (1, alpha1, alpha0))
-  return alpha, level_set.codes(w / _expand(alpha, w.ndim, channel_axis))
+  return alpha, encode(w, alpha, level_set, channel_axis)
 
 
 def _aitken(x0, x1, x2):

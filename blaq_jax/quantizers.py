@@ -67,7 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax.levels import LevelSet
-from blaq_jax.projection import _expand, _reduce_axes, project, scale_shape
+from blaq_jax.projection import (_expand, _reduce_axes, encode, project,
+                                 scale_shape)
 
 SURROGATES = ("identity", "hardtanh", "tanh", "approx_sign")
 
@@ -169,6 +170,20 @@ def quantize_latent(w, level_set: LevelSet, scale: Scale = "fit", *,
   Returns:
     ``(alpha, codes)`` as :func:`blaq_jax.projection.project` returns them.
   """
+  alpha, unit = latent_scale(w, level_set, scale, channel_axis=channel_axis,
+                             threshold=threshold, prev_codes=prev_codes,
+                             prev_alpha=prev_alpha, tol=tol, max_iter=max_iter)
+  return alpha, encode(w, alpha, level_set, channel_axis, unit)
+
+
+def latent_scale(w, level_set: LevelSet, scale: Scale = "fit", *,
+                 channel_axis: Optional[int] = None, threshold=0.7,
+                 prev_codes=None, prev_alpha=None, tol: float = 1e-6,
+                 max_iter: int = 20):
+  """:func:`quantize_latent`'s ``(alpha, unit)``: codes ``encode(w, alpha,
+  level_set, channel_axis, unit)``; ``unit`` is None (= ``alpha``) except
+  for TWN, whose zero band ``|w| <= delta`` is ``nearest(w / 2 delta) = 0``.
+  """
   scale = check_scale(scale)
   w = jnp.asarray(w, jnp.float32)
   sshape = scale_shape(w.shape, channel_axis)
@@ -180,23 +195,24 @@ def quantize_latent(w, level_set: LevelSet, scale: Scale = "fit", *,
     return jnp.where(alpha > 0, alpha, fallback)
 
   if not isinstance(scale, str):
-    alpha = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), sshape)
-  elif scale == "max":
-    alpha = positive_or_fallback(jnp.max(jnp.abs(w), axis=axes))
-  elif scale == "twn" and _ternary(level_set):
-    a = jnp.abs(w)
-    delta = threshold * jnp.mean(a, axis=axes, keepdims=True)
-    above = a > delta
+    return jnp.broadcast_to(jnp.asarray(scale, jnp.float32), sshape), None
+  if scale == "max":
+    return positive_or_fallback(jnp.max(jnp.abs(w), axis=axes)), None
+  if scale == "twn" and _ternary(level_set):
+    delta = threshold * jnp.mean(jnp.abs(w), axis=axes)
+    unit = jnp.where(delta > 0, 2 * delta, 1.0)  # delta = 0: w is all zero
+    above = encode(w, None, level_set, channel_axis, unit) != level_set.codes(
+        jnp.zeros([], jnp.float32))
     n = jnp.sum(above, axis=axes)
     alpha = positive_or_fallback(
-        jnp.sum(jnp.where(above, a, 0.0), axis=axes) / jnp.maximum(n, 1))
-    beta = jnp.where(above, jnp.where(w < 0, -1.0, 1.0), 0.0)
-    return alpha, level_set.codes(beta)
-  else:  # "fit", and "twn" at leaves that are not ternary
-    return project(w, jnp.ones_like(w), level_set, channel_axis=channel_axis,
-                   prev_codes=prev_codes, prev_alpha=prev_alpha, tol=tol,
-                   max_iter=max_iter)
-  return alpha, level_set.codes(w / _expand(alpha, w.ndim, channel_axis))
+        jnp.sum(jnp.where(above, jnp.abs(w), 0.0), axis=axes) /
+        jnp.maximum(n, 1))
+    return alpha, unit
+  # "fit", and "twn" at leaves that are not ternary
+  alpha, _ = project(w, jnp.ones_like(w), level_set, channel_axis=channel_axis,
+                     prev_codes=prev_codes, prev_alpha=prev_alpha, tol=tol,
+                     max_iter=max_iter)
+  return alpha, None
 
 
 # --- quantizers with a custom VJP, for use inside a model --------------------

@@ -3,11 +3,15 @@
 The model only ever sees the quantized weights ``q = alpha * beta``. Everything
 else lives in the optimizer state:
 
-* :class:`QuantizedTensor`: the codes (indices of ``beta`` in the level set)
-  and the scale(s) ``alpha`` of one quantized leaf, with its level set and
-  scale granularity as static metadata. ``dequantize()`` gives ``q``.
 * the latent full-precision weights ``w`` (``latent``), Adam moments, and the
   diagnostics, in the NamedTuple of each transform.
+* :class:`LeafScale`: the scale(s) ``alpha`` of one quantized leaf, with its
+  level set and scale granularity as static metadata. The codes are not
+  stored: they follow from ``w`` and ``alpha`` (one byte per weight less
+  state, and no pass that writes them each step).
+* :class:`QuantizedTensor`: the codes (indices of ``beta`` in the level set)
+  and the scale(s) of one leaf, as :func:`quantized_tensors` derives them;
+  ``dequantize()`` gives ``q``.
 
 Leaves that are trained in full precision hold ``optax.MaskedNode()`` in the
 per-leaf trees (``latent``, ``quantized``, ...), so those trees keep the
@@ -37,7 +41,7 @@ import optax
 
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
-from blaq_jax.projection import dequantize
+from blaq_jax.projection import dequantize, encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,35 @@ class QuantizedTensor:
 
 jax.tree_util.register_dataclass(
     QuantizedTensor, data_fields=["codes", "alpha"],
+    meta_fields=["level_set", "channel_axis"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafScale:
+  """What the state keeps of a quantized leaf besides its latent weights.
+
+  Attributes:
+    alpha: ``float32`` scale, shape ``()`` or ``(C,)``.
+    unit: None, or the divisor of the codes where it is not ``alpha``
+      (TWN: ``2 delta``); see :func:`~blaq_jax.projection.encode`.
+    level_set: the :class:`~blaq_jax.levels.LevelSet` (static).
+    channel_axis: ``None`` or the scaled axis (static).
+  """
+
+  alpha: Any
+  unit: Any = None
+  level_set: LevelSet = dataclasses.field(default_factory=LevelSet)
+  channel_axis: Optional[int] = None
+
+  def at(self, w) -> QuantizedTensor:
+    """The :class:`QuantizedTensor` of latent weights ``w``."""
+    return QuantizedTensor(
+        encode(w, self.alpha, self.level_set, self.channel_axis, self.unit),
+        self.alpha, self.level_set, self.channel_axis)
+
+
+jax.tree_util.register_dataclass(
+    LeafScale, data_fields=["alpha", "unit"],
     meta_fields=["level_set", "channel_axis"])
 
 
@@ -176,6 +209,10 @@ def _is_qt(x):
   return isinstance(x, QuantizedTensor)
 
 
+def _is_scale(x):
+  return isinstance(x, LeafScale)
+
+
 def _find(opt_state, field: str):
   """The unique ``field`` of a blaq_jax state nested anywhere in opt_state."""
   found = []
@@ -210,8 +247,17 @@ def latent_params(opt_state):
 
 
 def quantized_tensors(opt_state):
-  """Tree of :class:`QuantizedTensor` (MaskedNode at full-precision leaves)."""
-  return _find(opt_state, "quantized")
+  """Tree of :class:`QuantizedTensor` (MaskedNode at full-precision leaves).
+
+  The codes are derived from the latent weights and the scales.
+  """
+  # Leaf lists, not a tree map: under Flax NNX the latent tree keeps the
+  # params' variable wrappers and the scale tree does not.
+  scales_, treedef = jax.tree.flatten(_find(opt_state, "quantized"),
+                                      is_leaf=_is_scale)
+  latent = jax.tree.leaves(latent_params(opt_state))
+  return treedef.unflatten(
+      [s.at(w) for s, w in zip(scales_, latent, strict=True)])
 
 
 def codes(opt_state):
@@ -222,8 +268,8 @@ def codes(opt_state):
 
 def scales(opt_state):
   """Tree of the scales ``alpha`` of the quantized leaves."""
-  return jax.tree.map(lambda t: t.alpha, quantized_tensors(opt_state),
-                      is_leaf=_is_qt)
+  return jax.tree.map(lambda t: t.alpha, _find(opt_state, "quantized"),
+                      is_leaf=_is_scale)
 
 
 def quantized_params(params, opt_state):

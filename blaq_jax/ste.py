@@ -132,7 +132,7 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
 
   def project(w, d, level_set, prev, **kw):  # kw: channel_axis, tol, max_iter
     del d
-    return quantizers.quantize_latent(
+    return quantizers.latent_scale(
         w, level_set, scale, threshold=threshold, **kw,
         prev_codes=getattr(prev, "codes", None),
         prev_alpha=getattr(prev, "alpha", None))

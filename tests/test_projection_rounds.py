@@ -13,8 +13,8 @@ import pytest
 
 import blaq_jax
 from blaq_jax.levels import LevelSet, gaussian_scale
-from blaq_jax.projection import (dequantize, dequantize_latent, extrapolate,
-                                 fused_sums, initial_scale, project)
+from blaq_jax.projection import (encode, extrapolate, fused_sums,
+                                 initial_scale, project)
 
 SETS = [("blaq", 2), ("blaq", 3), ("linear", 2), ("linear", 3), ("log", 3)]
 
@@ -258,10 +258,16 @@ def test_negative_tol_is_refused():
 
 
 @pytest.mark.parametrize("kind,bits", SETS + [("blaq", 1), ("linear", 4)])
-def test_dequantize_latent_equals_dequantized_codes_bit_for_bit(kind, bits):
+@pytest.mark.parametrize("tol", [None, 1e-6])
+def test_encode_gives_the_projections_codes_bit_for_bit(kind, bits, tol):
+  # The state stores no codes: encode(w, alpha) must be what project returns.
   w, d = problem(8, shape=(50, 6))
   ls = LevelSet(kind, bits)
-  alpha, codes = project(w, d, ls, channel_axis=-1, tol=None, max_iter=2)
-  np.testing.assert_array_equal(
-      dequantize_latent(w, alpha, ls, channel_axis=-1),
-      dequantize(alpha, codes, ls, channel_axis=-1))
+  alpha, codes = project(w, d, ls, channel_axis=-1, tol=tol, max_iter=2)
+  np.testing.assert_array_equal(encode(w, alpha, ls, channel_axis=-1), codes)
+
+
+def test_encode_at_one_bit_is_the_sign_even_where_w_over_alpha_underflows():
+  w = jnp.array([-1e-30, 1e-30, 0.0, -3.0], jnp.float32)  # w / alpha: +-0
+  got = encode(w, jnp.array(1e30), LevelSet("blaq", 1))
+  assert got.tolist() == [0, 1, 1, 0]

@@ -219,7 +219,7 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   before = {p: state.quantized[p]["kernel"].alpha for p in paths}
   for t, (xb, yb) in enumerate(_batches(x, y, args.batch, args.steps,
                                         args.seed)):
-    prev = {p: state.quantized[p]["kernel"] for p in paths}
+    prev = {p: blaq_jax.quantized_tensors(state)[p]["kernel"] for p in paths}
     params, new_state, loss = train_step(params, state, xb, yb)
     losses.append(float(loss))
     count = int(new_state.count)
@@ -233,7 +233,7 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
       w64 = np.asarray(w, np.float64)
       d64 = np.asarray(d, np.float64)
       e_conv = error(w64, d64, *out["conv"])
-      got = new_state.quantized[p]["kernel"]
+      got = blaq_jax.quantized_tensors(new_state)[p]["kernel"]
       if scheme is not None:
         out["own"] = (got.alpha, got.codes)
       else:  # the trajectory's own projection is the engine's converged one
