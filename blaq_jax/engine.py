@@ -308,16 +308,27 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
                   tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
                         for _, x in flat), sets)
 
-  def proj(w, d, s, prev):
-    t, rounds = tol, max_iter
-    if prev is None or (tol is None and max_iter is None and (
+  def rounds_of(s, first):
+    """``(tol, max_iter)`` of a leaf's projection (``first``: at init)."""
+    if first or (tol is None and max_iter is None and (
         s.bits > 2 or not rule.fixed_rounds)):
-      t, rounds = 1e-6, 20  # init, and by default above 2 bits: converge
-    elif rounds is None:
-      rounds = 2 if tol is None else 20
+      return 1e-6, 20  # init, and by default above 2 bits: converge
+    return tol, (2 if tol is None else 20) if max_iter is None else max_iter
+
+  def proj(w, d, s, prev):
+    t, rounds = rounds_of(s, prev is None)
     alpha, unit = rule.project(w, d, s, prev, channel_axis=channel_axis,
                                tol=t, max_iter=rounds)
-    return LeafScale(alpha, unit, s, channel_axis)
+    return LeafScale(alpha, unit, level_set=s, channel_axis=channel_axis)
+
+  def to_store(sc, w, s):
+    # The diagnostics' flip count and a converging multi-bit projection read
+    # the last codes: they are stored, since derived from the old latent
+    # weights they would be read after the step overwrote them (XLA then
+    # copies the weights).
+    if diagnostics or (s.bits > 1 and rounds_of(s, False)[0] is not None):
+      return dataclasses.replace(sc, codes=sc.at(w).codes)
+    return sc
 
   def init_fn(params):
     layout = layout_of(params)
@@ -331,7 +342,8 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
         count=jnp.zeros([], jnp.int32),
         latent=treedef.unflatten(per_q(lambda p, s: jnp.array(p, copy=True))),
         quantized=selection.pure_structure(params).unflatten(per_q(
-            lambda p, s: proj(jnp.asarray(p, jnp.float32), None, s, None))),
+            lambda p, s: to_store(proj(jnp.asarray(p, jnp.float32), None, s,
+                                       None), p, s))),
         rule=rule.init(params, [bool(s) for s in layout.level_sets]),
         preprocess=pre.init(params), skipped_steps=jnp.zeros([], jnp.int32),
         cost=make_cost(), diagnostics=diag, layout=layout)
@@ -435,13 +447,18 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     guarded, rule_state = jax.lax.optimization_barrier((guarded, rule_state))
     weights = step.weight(rule_state) if callable(step.weight) else (
         step.weight)
-    new_scales = scales_of(guarded, weights)
-    keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
-    stored = [optax.tree.where(keep, n, o) if s else o
-              for n, o, s in zip(new_scales, scales, sets)]
     # Codes are derived from the latent weights as stored (their dtype).
     kept = [w.astype(x.dtype) if s else x
             for w, x, s in zip(guarded, latent_in, sets)]
+    new_scales = [to_store(n, w, s) if s else None for n, w, s in zip(
+        scales_of(guarded, weights), kept, sets)]
+    keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
+    stored = [optax.tree.where(keep, n, o) if s else o
+              for n, o, s in zip(new_scales, scales, sets)]
+    if step.commit is True:
+      # The emitted update reads the stored codes where there are any (one
+      # byte), rather than recomputing them from the latent weights.
+      stored = new_scales = jax.lax.optimization_barrier(stored)
     new_qts = [n.at(w) if s else None
                for n, w, s in zip(new_scales, kept, sets)]
     ups = [jnp.where(ok, n.dequantize(p.dtype) - p, 0) if s else

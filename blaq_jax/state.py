@@ -6,9 +6,10 @@ else lives in the optimizer state:
 * the latent full-precision weights ``w`` (``latent``), Adam moments, and the
   diagnostics, in the NamedTuple of each transform.
 * :class:`LeafScale`: the scale(s) ``alpha`` of one quantized leaf, with its
-  level set and scale granularity as static metadata. The codes are not
-  stored: they follow from ``w`` and ``alpha`` (one byte per weight less
-  state, and no pass that writes them each step).
+  level set and scale granularity as static metadata. The codes follow from
+  ``w`` and ``alpha`` and are stored only where a step reads the last ones
+  (diagnostics, a converging multi-bit projection): one byte per weight less
+  state, and no pass that writes them each step.
 * :class:`QuantizedTensor`: the codes (indices of ``beta`` in the level set)
   and the scale(s) of one leaf, as :func:`quantized_tensors` derives them;
   ``dequantize()`` gives ``q``.
@@ -86,24 +87,29 @@ class LeafScale:
     alpha: ``float32`` scale, shape ``()`` or ``(C,)``.
     unit: None, or the divisor of the codes where it is not ``alpha``
       (TWN: ``2 delta``); see :func:`~blaq_jax.projection.encode`.
+    codes: None, or the codes of the stored latent weights, kept where a
+      step reads the last codes (``diagnostics=True``; a multi-bit
+      projection that converges, ``tol > 0``, starts from them).
     level_set: the :class:`~blaq_jax.levels.LevelSet` (static).
     channel_axis: ``None`` or the scaled axis (static).
   """
 
   alpha: Any
   unit: Any = None
+  codes: Any = None
   level_set: LevelSet = dataclasses.field(default_factory=LevelSet)
   channel_axis: Optional[int] = None
 
   def at(self, w) -> QuantizedTensor:
     """The :class:`QuantizedTensor` of latent weights ``w``."""
-    return QuantizedTensor(
-        encode(w, self.alpha, self.level_set, self.channel_axis, self.unit),
-        self.alpha, self.level_set, self.channel_axis)
+    codes = self.codes if self.codes is not None else encode(
+        w, self.alpha, self.level_set, self.channel_axis, self.unit)
+    return QuantizedTensor(codes, self.alpha, self.level_set,
+                           self.channel_axis)
 
 
 jax.tree_util.register_dataclass(
-    LeafScale, data_fields=["alpha", "unit"],
+    LeafScale, data_fields=["alpha", "unit", "codes"],
     meta_fields=["level_set", "channel_axis"])
 
 

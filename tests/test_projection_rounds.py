@@ -202,6 +202,34 @@ def test_laq_with_fixed_rounds_has_no_while_loop_and_stays_on_the_set():
   blaq_jax.check_on_level_set(params, state)
 
 
+@pytest.mark.parametrize("make,stored", [
+    (lambda: blaq_jax.laq(0.01), False),
+    (lambda: blaq_jax.laq(0.01, bits=2), False),  # 2 fixed rounds
+    (lambda: blaq_jax.laq(0.01, bits=3), True),  # converges from the codes
+    (lambda: blaq_jax.laq(0.01, diagnostics=True), True),  # flip count
+    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=2), True),
+], ids=["laq1", "laq2", "laq3", "laq1-diag", "ste2"])
+def test_codes_are_stored_only_where_a_step_reads_the_last_ones(make, stored):
+  params = {"kernel": jax.random.normal(jax.random.key(1), (16, 8)) * 0.1}
+  opt = make()
+  state = opt.init(params)
+  params = blaq_jax.quantized_params(params, state)
+  loss = lambda p: jnp.sum((p["kernel"] - 0.05) ** 2)  # noqa: E731
+  step = jax.jit(opt.update)
+  for _ in range(3):
+    updates, state = step(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  kept = [x for x in jax.tree.leaves(state) if x.dtype == jnp.uint8]
+  assert bool(kept) == stored
+  # Stored or derived, they are the codes of the stored latent weights.
+  scale = jax.tree.leaves(state.quantized, is_leaf=lambda x: isinstance(
+      x, blaq_jax.LeafScale))[0]
+  np.testing.assert_array_equal(
+      blaq_jax.codes(state)["kernel"],
+      encode(state.latent["kernel"], scale.alpha, scale.level_set))
+  blaq_jax.check_on_level_set(params, state)
+
+
 def test_one_round_forms_both_sums_in_one_pass():
   """A per-tensor round reads w and d once: about 8 bytes per entry."""
   ls = LevelSet("blaq", 2)
