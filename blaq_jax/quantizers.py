@@ -110,14 +110,22 @@ def check_scale(scale, where: str = "scale") -> Scale:
   return scale
 
 
-def surrogate_grad(name: str, x):
-  """``S'(x)``: the surrogate's derivative at the normalised latent ``x``."""
+def surrogate_grad(name: str, x, scale=None):
+  """``S'(x / scale)``: the surrogate's derivative at the normalised latent.
+
+  ``scale`` (positive, broadcastable; None: 1) is divided out only where the
+  surrogate needs it: ``identity`` and ``hardtanh`` (``|x| <= scale``) do not
+  divide, so a step that reads ``S'`` in several passes writes no ``x /
+  scale`` array.
+  """
   check_surrogate(name)
   x = jnp.asarray(x)
   if name == "identity":
     return jnp.ones_like(x)
   if name == "hardtanh":
-    return (jnp.abs(x) <= 1).astype(x.dtype)
+    return (jnp.abs(x) <= (1 if scale is None else scale)).astype(x.dtype)
+  if scale is not None:
+    x = x / scale
   if name == "tanh":
     return 1 / jnp.cosh(x) ** 2  # = 1 - tanh^2, accurate in the tails
   return jnp.maximum(0.0, 2 - 2 * jnp.abs(x)).astype(x.dtype)
@@ -233,7 +241,7 @@ def _fake_quantize_fwd(w, level_set, scale, surrogate, channel_axis,
                                  threshold=threshold)
   a = _expand(alpha, w.ndim, channel_axis)
   q = (a * level_set.decode(codes, jnp.float32)).astype(w.dtype)
-  return q, surrogate_grad(surrogate, w.astype(jnp.float32) / a)
+  return q, surrogate_grad(surrogate, w.astype(jnp.float32), a)
 
 
 def _fake_quantize_bwd(level_set, scale, surrogate, channel_axis, threshold,

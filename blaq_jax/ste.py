@@ -103,8 +103,8 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
     qts = [ctx.quantized[i] for i in q_ix]
     alpha = [_expand(qt.alpha, leaves[i].ndim, qt.channel_axis)
              for i, qt in zip(q_ix, qts)]
-    g_q = [ctx.grads[i] * quantizers.surrogate_grad(surrogate,
-                                                    ctx.latent[i] / a)
+    g_q = [ctx.grads[i] * quantizers.surrogate_grad(surrogate, ctx.latent[i],
+                                                    a)
            for i, a in zip(q_ix, alpha)]
     est_state, losses, finite = state.estimator, 0, True
     if estimator is not None:

@@ -93,6 +93,16 @@ def test_surrogate_grad_matches_formula(name):
 
 
 @pytest.mark.parametrize("name", quantizers.SURROGATES)
+def test_surrogate_grad_with_a_scale_is_that_of_the_normalised_latent(name):
+  # hardtanh compares |w| <= alpha instead of dividing: the same mask,
+  # including |w| = alpha (here exact: alpha a power of two).
+  alpha = np.float32(0.25)
+  w = (np.linspace(-2.5, 2.5, 41) * alpha).astype(np.float32)
+  np.testing.assert_allclose(quantizers.surrogate_grad(name, w, alpha),
+                             np_surrogate_grad(name, w / alpha), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", quantizers.SURROGATES)
 def test_noise_has_unit_variance_and_smooths_the_quantizer_into_s(name):
   """E[Q(x + eps_bar u)] = S(x): the eps_bar table and the noise match."""
   n = 200_000
