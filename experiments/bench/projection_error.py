@@ -219,8 +219,10 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   before = {p: state.quantized[p]["kernel"].alpha for p in paths}
   for t, (xb, yb) in enumerate(_batches(x, y, args.batch, args.steps,
                                         args.seed)):
-    prev = {p: blaq_jax.quantized_tensors(state)[p]["kernel"] for p in paths}
+    qts = blaq_jax.quantized_tensors(state)  # derives every leaf's codes
+    prev = {p: qts[p]["kernel"] for p in paths}
     params, new_state, loss = train_step(params, state, xb, yb)
+    new_qts = blaq_jax.quantized_tensors(new_state)
     losses.append(float(loss))
     count = int(new_state.count)
     for p in paths:
@@ -233,7 +235,7 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
       w64 = np.asarray(w, np.float64)
       d64 = np.asarray(d, np.float64)
       e_conv = error(w64, d64, *out["conv"])
-      got = blaq_jax.quantized_tensors(new_state)[p]["kernel"]
+      got = new_qts[p]["kernel"]
       if scheme is not None:
         out["own"] = (got.alpha, got.codes)
       else:  # the trajectory's own projection is the engine's converged one
