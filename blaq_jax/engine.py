@@ -130,8 +130,10 @@ class Context(NamedTuple):
       precision) and bool per leaf.
     diagnostics, last_stats: whether the diagnostics are on; the last
       step's :class:`~blaq_jax.state.Diagnostics` (None when off).
-    project: ``(latent list, weight list or None) -> QuantizedTensor list``.
-    params_at: ``QuantizedTensor list -> params`` at those quantized leaves.
+    project: ``(latent list, weight list or None) -> LeafScale list``
+      (None at full precision): the projection of those latent weights.
+    params_at: ``(latent list, LeafScale list) -> params``: ``alpha * beta``
+      at the quantized leaves.
     gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``
       averaged over ``batch_axis_name`` and preprocessed like ``grads``.
     finite: whether ``grads`` are all finite (a rule may guard with it).
@@ -408,13 +410,10 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       return [proj(w, None if weights is None else weights[i], s, old[i])
               if s else None for i, (w, s) in enumerate(zip(ws, sets))]
 
-    def project(ws, weights):
-      return [sc.at(w) if sc else None
-              for sc, w in zip(scales_of(ws, weights), ws)]
-
-    def params_at(quantized):
-      return treedef.unflatten([q.dequantize(p.dtype) if s else p
-                                for q, p, s in zip(quantized, leaves, sets)])
+    def params_at(ws, scales):
+      return treedef.unflatten([sc.dequantize(w, p.dtype) if s else p
+                                for w, sc, p, s in zip(ws, scales, leaves,
+                                                       sets)])
 
     def gradient(at):
       out = extra_args["grad_fn"](at)
@@ -429,7 +428,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     ctx = Context(state.count, g, latent, old, [bool(x) for x in sets],
                   params, extra_args, diagnostics,
                   state.diagnostics.stats if diagnostics else None,
-                  project, params_at, gradient, finite)
+                  scales_of, params_at, gradient, finite)
     step = rule.step(ctx, state.rule)
     ok = jnp.logical_and(finite, step.finite)
     q_ix = [i for i, s in enumerate(sets) if s]
@@ -459,11 +458,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       # The emitted update reads the stored codes where there are any (one
       # byte), rather than recomputing them from the latent weights.
       stored = new_scales = jax.lax.optimization_barrier(stored)
-    new_qts = [n.at(w) if s else None
-               for n, w, s in zip(new_scales, kept, sets)]
-    ups = [jnp.where(ok, n.dequantize(p.dtype) - p, 0) if s else
-           jnp.where(ok, w - x, 0).astype(p.dtype)
-           for n, p, w, x, s in zip(new_qts, leaves, stepped, latent, sets)]
+    ups = [jnp.where(ok, n.dequantize(k, p.dtype) - p, 0) if s else
+           jnp.where(ok, w - x, 0).astype(p.dtype) for n, k, p, w, x, s in zip(
+               new_scales, kept, leaves, stepped, latent, sets)]
     new_latent = treedef.unflatten(kept)
     diag = state.diagnostics
     if diagnostics:
@@ -471,7 +468,8 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       deltas = {i: guarded[i] - latent[i] for i in q_ix}
       stats = init_diagnostics()._replace(
           flip_fraction=fraction_changed(
-              [new_qts[i].codes for i in q_ix], [old[i].codes for i in q_ix],
+              [new_scales[i].at(kept[i]).codes for i in q_ix],
+              [old[i].codes for i in q_ix],
               int(sum(np.prod(leaves[i].shape) for i in q_ix))),
           update_cosine=cosine(list(deltas.values()), [prev[i] for i in q_ix]),
           **(step.trial or {}))

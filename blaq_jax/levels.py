@@ -113,6 +113,8 @@ class LevelSet:
     n = self.n
     if self.kind == "blaq":
       sign = jnp.where(x < 0, -1.0, 1.0)  # sign(0) = +1
+      if n == 1:
+        return sign
       return sign * jnp.clip(jnp.round(jnp.abs(x) * n), 1, n)
     if self.kind == "linear":
       return jnp.clip(jnp.round(x * n), -n, n)

@@ -121,9 +121,15 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return [(s, eps * r, r) for s in sq]
 
     def total(d):
-      # eta D of a triple; not written (x + e) / r, which XLA would share
-      # with the projection's sum and then materialise.
-      return d[0] / d[2] + d[1] / d[2]
+      # eta D of a triple, x (1 / r) + e / r: one product per entry (XLA does
+      # not turn a division by a broadcast scalar into one), and not (x + e)
+      # / r, which XLA would share with the projection's sum and materialise.
+      return d[0] * (1 / d[2]) + d[1] / d[2]
+
+    def unbias(mu, count):
+      # optax.tree.bias_correction with one product per entry, not a division
+      c = 1 / (1 - b1 ** jnp.asarray(count, jnp.float32))
+      return [m * c for m in mu]
 
     def adam_moments(g, mu, sq):  # Adam's, with sq = sqrt(v)
       return (optax.tree.update_moment(g, mu, b1, 1),
@@ -137,7 +143,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
         new_mu, new_sq = jax.lax.optimization_barrier(
             optax.tree.where(ctx.finite, (new_mu, new_sq), (mu, sq)))
       mu, sq = new_mu, new_sq
-      m_hat = optax.tree.bias_correction(mu, b1, count)
+      m_hat = unbias(mu, count)
       if curvature_fn is None:
         den = root_den(sq, count)
       else:
@@ -171,14 +177,15 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return weight
 
     def trial_stats(q_star=None, g=None, g_star=None, flips=None):
-      """The trial's diagnostics (None when off); no ``q_star`` or ``flips``:
-      an inactive step."""
+      """The trial's diagnostics (None when off); ``q_star``: ``(w*, scales
+      of q*)``; no ``q_star`` or ``flips``: an inactive step."""
       if not ctx.diagnostics:
         return None
       z = jnp.zeros([], jnp.float32)
       if q_star is not None:
         flips = fraction_changed(
-            [q_star[i].codes for i in ix], [ctx.quantized[i].codes for i in ix],
+            [q_star[1][i].at(q_star[0][i]).codes for i in ix],
+            [ctx.quantized[i].codes for i in ix],
             int(sum(np.prod(leaves[i].shape) for i in ix)))
       return dict(trial_active=(jnp.zeros if flips is None else jnp.ones)(
           [], jnp.bool_), trial_flip_fraction=z if flips is None else flips,
@@ -212,12 +219,12 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
-      return mu, nu, m_hat, den, w_star, ctx.project(w_star, den)
+      return mu, nu, m_hat, den, w_star, (w_star, ctx.project(w_star, den))
 
     def algorithm_1(g):
       """One active step of BLAQ, opaque mode (the appendix's numbering)."""
       mu, nu, m_hat, den, w_star, q_star = trial_point(g, guard=False)
-      trial_params = ctx.params_at(q_star)
+      trial_params = ctx.params_at(*q_star)
       g_star, finite = ctx.gradient(trial_params)  # 17-20
       # Only now is it known whether the step is skipped: the moments are
       # kept if g or g* is not finite, and written once for the backtrack.
@@ -228,7 +235,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu = jax.lax.optimization_barrier(
           optax.tree.where(ok, adam_moments(g_, m0_, v0_), (m0_, v0_)))
       if curvature_fn is None:
-        m_hat, den = optax.tree.bias_correction(mu, b1, t), root_den(nu, t)
+        m_hat, den = unbias(mu, t), root_den(nu, t)
       w, d_bar, new_moments = backtrack(  # 21-24
           g, g_star, mu, nu, m_hat, den, trial_params)
       if moments == "blended":
@@ -268,7 +275,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       g = [x.astype(jnp.float32) if qi else gs for x, gs, qi in zip(
           treedef.flatten_up_to(state.trial.real_grad), g_star, q)]
       w, d_bar, new_moments = backtrack(  # the params are at q* now
-          g, g_star, mu0, nu0, optax.tree.bias_correction(mu0, b1, t),
+          g, g_star, mu0, nu0, unbias(mu0, t),
           root_den(nu0, t), ctx.params)
       return (w, d_bar, new_moments, state.trial._replace(
           pending=jnp.zeros([], jnp.bool_)), jnp.ones([], jnp.bool_),

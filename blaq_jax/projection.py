@@ -111,11 +111,32 @@ def encode(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
     >>> encode(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
     [3, 1, 2, 0]
   """
+  return level_set.codes(_in_units(w, alpha, level_set, channel_axis, unit))
+
+
+def levels(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
+  """The levels ``beta`` (float32) whose codes :func:`encode` gives.
+
+  ``decode(encode(w, ...))`` without the integer codes in between (the
+  quantized update ``alpha * beta`` reads only ``w``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from blaq_jax.levels import LevelSet
+    >>> w = jnp.array([0.3, -0.1, 0.2, -0.4])
+    >>> levels(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
+    [1.0, -0.5, 0.5, -1.0]
+  """
+  return level_set.nearest(_in_units(w, alpha, level_set, channel_axis, unit))
+
+
+def _in_units(w, alpha, level_set, channel_axis, unit):
+  """``w / unit`` (``unit``: ``alpha`` if None) in float32; ``w`` at 1 bit."""
   w = jnp.asarray(w, jnp.float32)
   if level_set.kind == "blaq" and level_set.bits == 1:
-    return level_set.codes(w)
+    return w
   u = jnp.asarray(alpha if unit is None else unit, jnp.float32)
-  return level_set.codes(w / _expand(u, w.ndim, channel_axis))
+  return w / _expand(u, w.ndim, channel_axis)
 
 
 def extrapolate(alpha, alpha_before):

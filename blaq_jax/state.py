@@ -42,7 +42,7 @@ import optax
 
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
-from blaq_jax.projection import dequantize, encode
+from blaq_jax.projection import _expand, dequantize, encode, levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,16 @@ class LeafScale:
         w, self.alpha, self.level_set, self.channel_axis, self.unit)
     return QuantizedTensor(codes, self.alpha, self.level_set,
                            self.channel_axis)
+
+  def dequantize(self, w, dtype=jnp.float32):
+    """``q = alpha * beta`` of latent weights ``w``: ``at(w).dequantize()``,
+    with no integer codes formed unless they are stored."""
+    if self.codes is not None:
+      return self.at(w).dequantize(dtype)
+    beta = levels(w, self.alpha, self.level_set, self.channel_axis, self.unit)
+    alpha = _expand(jnp.asarray(self.alpha, jnp.float32), beta.ndim,
+                    self.channel_axis)
+    return (alpha * beta).astype(dtype)
 
 
 jax.tree_util.register_dataclass(

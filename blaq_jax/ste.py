@@ -106,6 +106,10 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
     g_q = [ctx.grads[i] * quantizers.surrogate_grad(surrogate, ctx.latent[i],
                                                     a)
            for i, a in zip(q_ix, alpha)]
+    def perturbed(ws):  # the params at the projection of these latents
+      full = put(ctx.latent, ws)
+      return ctx.params_at(full, ctx.project(full, None))
+
     est_state, losses, finite = state.estimator, 0, True
     if estimator is not None:
       g_q, est_state, losses = estimator.update(
@@ -113,8 +117,7 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
           latent=[ctx.latent[i] for i in q_ix],
           steps=[quantizers.step_size(a, qt.level_set)
                  for a, qt in zip(alpha, qts)],
-          surrogate=surrogate, perturbed_params=lambda ws: ctx.params_at(
-              ctx.project(put(ctx.latent, ws), None)),
+          surrogate=surrogate, perturbed_params=perturbed,
           extra_args=ctx.extra_args)
       finite = engine.all_finite(g_q) if g_q else True
     as_params = lambda xs: treedef.unflatten(  # noqa: E731
