@@ -299,3 +299,19 @@ def test_encode_at_one_bit_is_the_sign_even_where_w_over_alpha_underflows():
   w = jnp.array([-1e-30, 1e-30, 0.0, -3.0], jnp.float32)  # w / alpha: +-0
   got = encode(w, jnp.array(1e30), LevelSet("blaq", 1))
   assert got.tolist() == [0, 1, 1, 0]
+
+@pytest.mark.parametrize("kind,bits", SETS + [("blaq", 1), ("linear", 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_update_levels_are_the_decoded_codes_bit_for_bit(kind, bits,
+                                                             dtype):
+  # The emitted update forms alpha * beta without the integer codes; it
+  # must be exactly the dequantized codes (also with TWN's unit).
+  w, d = problem(9, shape=(50, 6))
+  w[0, :3] = [0.0, -0.0, -1e-30]
+  ls = LevelSet(kind, bits)
+  alpha, _ = project(w, d, ls, channel_axis=-1, tol=1e-6)
+  for unit in (None, 0.7 * alpha):
+    scale = blaq_jax.LeafScale(alpha, unit, level_set=ls, channel_axis=-1)
+    got = scale.dequantize(w, dtype)
+    chex.assert_type(got, dtype)
+    np.testing.assert_array_equal(got, scale.at(w).dequantize(dtype))
