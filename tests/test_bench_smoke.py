@@ -86,17 +86,20 @@ def test_param_counts():
 def test_train_step_main_tiny(capsys):
   rows = train_step.main([
       "--models", "mlp", "--hidden", "8", "--synthetic", "--batch", "mlp=4",
-      "--repeats", "2", "--methods", "grad only,fp,blaq inactive,blaq active"])
+      "--repeats", "2", "--methods",
+      "grad only,fp,laq,blaq inactive,blaq active"])
   out = capsys.readouterr().out
   assert "| method |" in out and "machine:" in out
   assert [r["method"] for r in rows] == [
-      "grad only", "fp", "blaq inactive", "blaq active", "blaq amortised"]
+      "grad only", "fp", "laq", "blaq inactive", "blaq active",
+      "blaq amortised"]
   by = {r["method"]: r for r in rows}
   assert by["fp"]["ratio"] == 1.0 and by["fp"]["m"] == 5
   assert math.isclose(by["blaq amortised"]["ms"],
                       (4 * by["blaq inactive"]["ms"]
                        + by["blaq active"]["ms"]) / 5)
   assert by["blaq active"]["target"] == 2.2 and by["blaq active"]["met"]
+  assert by["laq"]["target"] == 1.3  # the MLP's own target (issue 15)
   assert by["fp"]["target"] is None and not by["fp"]["met"]
   for r in rows:
     assert r["ms"] > 0 and math.isfinite(r["ratio"])

@@ -18,8 +18,9 @@ have taken the intended phase. ``blaq amortised`` is
 for ImageNet). ``grad only`` is the forward and backward pass of the same
 model and batch without any update: the floor under every method.
 
-Targets: LAQ within 1.15x of Adam; BLAQ's active step within 2.2x; BLAQ
-amortised within 1.4x. The ``met`` column says by how much a target is
+Targets: LAQ within 1.15x of Adam (the MNIST MLP, whose step is mostly the
+update: 1.3x, issue 15); BLAQ's active step within 2.2x; BLAQ amortised
+within 1.4x. The ``met`` column says by how much a target is
 missed.
 
 ResNet-18 runs on the random ``synthetic_imagenet`` data (1000 classes) at
@@ -69,6 +70,7 @@ MODELS = {"mlp": (mnist_mlp, 100), "lenet5": (mnist_lenet5, 128),
 METHODS = ("grad only", "fp", "bc", "ste", "laq", "blaq inactive",
            "blaq active", "fogzo")
 TARGETS = {"laq": 1.15, "blaq active": 2.2, "blaq amortised": 1.4}
+MODEL_TARGETS = {("mlp", "laq"): 1.3}  # overrides TARGETS for one model
 # BLAQ's timed states start at these epochs of one_epoch_every(m, ...).
 BLAQ_EPOCH = {"blaq inactive": 1, "blaq active": 0}
 WARMUP = 2
@@ -215,10 +217,10 @@ def measure(model: str, methods: Sequence[str], *, repeats: int,
   rows = []
   for name in [x for x in METHODS + ("blaq amortised",) if x in ms]:
     ratio = ms[name] / ms["fp"]
+    target = MODEL_TARGETS.get((model, name), TARGETS.get(name))
     rows.append(dict(model=model, method=name, ms=ms[name], ratio=ratio,
-                     target=TARGETS.get(name), met=_met(ratio,
-                                                        TARGETS.get(name)),
-                     params=params, m=m))
+                     target=target, met=_met(ratio, target), params=params,
+                     m=m))
   return rows
 
 
