@@ -391,7 +391,7 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
       q_{t+1} = \\operatorname{proj}_{\\bar D}(w_{t+1})
 
   The paper does not say what its ``g_hat`` is; ``blend`` picks the reading
-  of line 21 (``../shared/METHOD.md``):
+  of line 21 (:ref:`blaq-readings`):
 
   ===============  ====================================  ==================
   ``blend``        ``d``                                 weight of ``g*``
