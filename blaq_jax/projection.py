@@ -114,7 +114,8 @@ def encode(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
   return level_set.codes(_in_units(w, alpha, level_set, channel_axis, unit))
 
 
-def levels(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
+def nearest_levels(w, alpha, level_set: LevelSet, channel_axis=None,
+                   unit=None):
   """The levels ``beta`` (float32) whose codes :func:`encode` gives.
 
   ``decode(encode(w, ...))`` without the integer codes in between (the
@@ -124,7 +125,7 @@ def levels(w, alpha, level_set: LevelSet, channel_axis=None, unit=None):
     >>> import jax.numpy as jnp
     >>> from blaq_jax.levels import LevelSet
     >>> w = jnp.array([0.3, -0.1, 0.2, -0.4])
-    >>> levels(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
+    >>> nearest_levels(w, jnp.array(0.34), LevelSet("blaq", 2)).tolist()
     [1.0, -0.5, 0.5, -1.0]
   """
   return level_set.nearest(_in_units(w, alpha, level_set, channel_axis, unit))

@@ -42,7 +42,7 @@ import optax
 
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
-from blaq_jax.projection import _expand, dequantize, encode, levels
+from blaq_jax.projection import _expand, dequantize, encode, nearest_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,8 @@ class LeafScale:
     with no integer codes formed unless they are stored."""
     if self.codes is not None:
       return self.at(w).dequantize(dtype)
-    beta = levels(w, self.alpha, self.level_set, self.channel_axis, self.unit)
+    beta = nearest_levels(w, self.alpha, self.level_set, self.channel_axis,
+                          self.unit)
     alpha = _expand(jnp.asarray(self.alpha, jnp.float32), beta.ndim,
                     self.channel_axis)
     return (alpha * beta).astype(dtype)
