@@ -98,7 +98,7 @@ def test_train_step_main_tiny(capsys):
   assert math.isclose(by["blaq amortised"]["ms"],
                       (4 * by["blaq inactive"]["ms"]
                        + by["blaq active"]["ms"]) / 5)
-  assert by["blaq active"]["target"] == 2.2 and by["blaq active"]["met"]
+  assert by["blaq active"]["target"] == 2.2  # met or not: timing, not tested
   assert by["laq"]["target"] == 1.3  # the MLP's own target (issue 15)
   assert by["fp"]["target"] is None and not by["fp"]["met"]
   for r in rows:
