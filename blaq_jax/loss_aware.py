@@ -219,12 +219,12 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
-      return mu, nu, m_hat, den, w_star, (w_star, ctx.project(w_star, den))
+      return mu, nu, m_hat, den, w_star, ctx.project(w_star, den)
 
     def algorithm_1(g):
       """One active step of BLAQ, opaque mode (the appendix's numbering)."""
-      mu, nu, m_hat, den, w_star, q_star = trial_point(g, guard=False)
-      trial_params = ctx.params_at(*q_star)
+      mu, nu, m_hat, den, w_star, scales = trial_point(g, guard=False)
+      trial_params = ctx.params_at(w_star, scales)
       g_star, finite = ctx.gradient(trial_params)  # 17-20
       # Only now is it known whether the step is skipped: the moments are
       # kept if g or g* is not finite, and written once for the backtrack.
@@ -244,7 +244,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           trial_latent=q_tree(w_star, keep_trial),
           trial_grad=q_tree(g_star, keep_trial)), state.trial)
       return w, d_bar, new_moments, kept, finite, trial_stats(
-          q_star, g, g_star)
+          (w_star, scales), g, g_star)
 
     def result(w, weight, mu_nu, trial_state, finite, stats, gradients=1,
                commit=True):
@@ -265,10 +265,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     # Transparent mode: an active step takes two calls. The first moves the
     # params to the trial point q*; the second brings g* and backtracks.
     def start(g):
-      mu, nu, _, den, w_star, q_star = trial_point(g)
+      mu, nu, _, den, w_star, scales = trial_point(g)
       return (w_star, den, (mu, nu), state.trial._replace(
           pending=jnp.ones([], jnp.bool_), real_grad=q_tree(g, True)),
-              jnp.ones([], jnp.bool_), trial_stats(q_star),
+              jnp.ones([], jnp.bool_), trial_stats((w_star, scales)),
               jnp.zeros([], jnp.bool_))
 
     def complete(g_star):

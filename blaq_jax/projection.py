@@ -90,8 +90,13 @@ def _expand(alpha, ndim: int, channel_axis: Optional[int]):
 def dequantize(alpha, codes, level_set: LevelSet, channel_axis=None,
                dtype=jnp.float32):
   """``q = alpha * beta(codes)`` with ``alpha`` broadcast along the channel."""
-  beta = level_set.decode(codes, jnp.float32)
-  a = _expand(alpha.astype(jnp.float32), codes.ndim, channel_axis)
+  return _alpha_times(alpha, level_set.decode(codes, jnp.float32),
+                      channel_axis, dtype)
+
+
+def _alpha_times(alpha, beta, channel_axis, dtype):
+  """``alpha * beta`` in float32, ``alpha`` broadcast along the channel."""
+  a = _expand(jnp.asarray(alpha, jnp.float32), beta.ndim, channel_axis)
   return (a * beta).astype(dtype)
 
 

@@ -42,7 +42,8 @@ import optax
 
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
-from blaq_jax.projection import _expand, dequantize, encode, nearest_levels
+from blaq_jax.projection import (_alpha_times, dequantize, encode,
+                                 nearest_levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +115,7 @@ class LeafScale:
       return self.at(w).dequantize(dtype)
     beta = nearest_levels(w, self.alpha, self.level_set, self.channel_axis,
                           self.unit)
-    alpha = _expand(jnp.asarray(self.alpha, jnp.float32), beta.ndim,
-                    self.channel_axis)
-    return (alpha * beta).astype(dtype)
+    return _alpha_times(self.alpha, beta, self.channel_axis, dtype)
 
 
 jax.tree_util.register_dataclass(
