@@ -140,7 +140,8 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
         prev_codes=getattr(prev, "codes", None),
         prev_alpha=getattr(prev, "alpha", None))
 
-  rule = engine.Rule(init, step, project, estimator.needs if estimator else ())
+  rule = engine.Rule(init, step, project, estimator.needs if estimator else (),
+                     fixed_rounds=True)
   return engine.quantized_latent(rule, level_sets, who=who, **options)
 
 

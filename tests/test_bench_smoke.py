@@ -7,6 +7,7 @@ import pytest
 
 from experiments.bench import common
 from experiments.bench import memory
+from experiments.bench import projection_error
 from experiments.bench import scaling
 from experiments.bench import train_step
 from experiments.bench import update_cost
@@ -125,3 +126,16 @@ def test_scaling_main_tiny(capsys):
   assert two["kinds"] == ["all-reduce"]
   for r in rows:
     assert r["ms_active"] > 0 and r["examples_per_s"] > 0
+
+
+def test_projection_error_ste_uses_unit_weights(capsys):
+  """The STE's fitted scale is the D = 1 projection: the reference the bench
+  recomputes matches the trajectory's own converged scale."""
+  out = projection_error.main(
+      ["--method", "ste", "--level-set", "linear", "--synthetic", "--steps",
+       "3", "--hidden", "8", "--bits", "2", "--rounds", "2", "--out", ""])
+  assert "ste, 2 bits (linear)" in capsys.readouterr().out
+  side = out["results"]["2"]["side"]
+  assert side["converged_vs_trajectory_alpha"] < 1e-5
+  assert side["excess"]["engine_default"]["max"] < 1e-5
+  assert out["results"]["2"]["own"]["2"]["excess"]["own"]["n"] == 9

@@ -187,15 +187,23 @@ def test_fixed_rounds_have_no_while_loop_and_tol_has_one():
   assert "while" in jaxpr(1e-6)
 
 
-def test_laq_with_fixed_rounds_has_no_while_loop_and_stays_on_the_set():
+@pytest.mark.parametrize("make,loop", [
+    (lambda: blaq_jax.laq(0.01, bits=2, tol=None, max_iter=2), False),
+    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=2), False),
+    (lambda: blaq_jax.ste(0.01, quantizer="ternary"), False),
+    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=3), True),
+], ids=["laq2-R2", "ste2-default", "ternary-default", "ste3-default"])
+def test_fixed_rounds_have_no_while_loop_and_stay_on_the_set(make, loop):
+  """2 bits: 2 fixed rounds by default (the STE's fitted scale as LAQ's);
+  above 2 bits the default converges in a loop."""
   params = {"kernel": jax.random.normal(jax.random.key(0), (16, 8)) * 0.1}
-  opt = blaq_jax.laq(0.01, bits=2, tol=None, max_iter=2)
+  opt = make()
   state = opt.init(params)
   params = blaq_jax.quantized_params(params, state)
   loss = lambda p: jnp.sum((p["kernel"] - 0.05) ** 2)  # noqa: E731
   text = str(jax.make_jaxpr(opt.update)(jax.grad(loss)(params), state,
                                         params))
-  assert "while" not in text
+  assert ("while" in text) == loop
   for _ in range(5):
     updates, state = opt.update(jax.grad(loss)(params), state, params)
     params = optax.apply_updates(params, updates)
@@ -207,8 +215,10 @@ def test_laq_with_fixed_rounds_has_no_while_loop_and_stays_on_the_set():
     (lambda: blaq_jax.laq(0.01, bits=2), False),  # 2 fixed rounds
     (lambda: blaq_jax.laq(0.01, bits=3), True),  # converges from the codes
     (lambda: blaq_jax.laq(0.01, diagnostics=True), True),  # flip count
-    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=2), True),
-], ids=["laq1", "laq2", "laq3", "laq1-diag", "ste2"])
+    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=2), False),
+    (lambda: blaq_jax.ste(0.01, quantizer="uniform", bits=2, tol=1e-6),
+     True),  # converges from the codes
+], ids=["laq1", "laq2", "laq3", "laq1-diag", "ste2", "ste2-tol"])
 def test_codes_are_stored_only_where_a_step_reads_the_last_ones(make, stored):
   params = {"kernel": jax.random.normal(jax.random.key(1), (16, 8)) * 0.1}
   opt = make()

@@ -30,12 +30,16 @@ for each we compare
   rounds).
 
 Also recorded: the rounds the converged loop takes per step (step 1, the
-first after ``init``, separately) and the training loss.
+first after ``init``, separately) and the training loss. ``--method ste``
+trains ``ste(quantizer="uniform", scale="fit")`` instead, whose projection
+is the same alternation with ``D = 1``.
 
 Usage::
 
   python -m experiments.bench.projection_error \\
       --out experiments/results/projection_error.json
+  python -m experiments.bench.projection_error --method ste \\
+      --level-set linear --bits 2,3 --out experiments/results/projection_error_ste.json
 
 Example:
   >>> import contextlib, io
@@ -161,14 +165,24 @@ def _variants(rounds):
   return out
 
 
+def make_optimizer(method: str, lr: float, bits: int, level_set: str,
+                   **kw) -> optax.GradientTransformationExtraArgs:
+  """The trained method: LAQ (``D`` from Adam), or the STE with a fitted
+  scale (``ste(quantizer="uniform", scale="fit")``: ``D = 1``)."""
+  if method == "laq":
+    return blaq_jax.laq(lr, bits=bits, level_set=level_set, **kw)
+  return blaq_jax.ste(lr, quantizer="uniform", bits=bits, level_set=level_set,
+                      scale="fit", **kw)
+
+
 def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   """One training trajectory; ``scheme=None`` trains with the converged
   projection (``side`` protocol), ``R`` with ``R`` fixed rounds (``own``)."""
-  ls = LevelSet("blaq", bits)
+  ls = LevelSet(args.level_set, bits)
   sizes = (x[0].size,) + (args.hidden,) * args.layers + (10,)
   params = common.mlp_params(sizes, seed=args.seed)
   opt_kw = (CONVERGED if scheme is None else dict(tol=None, max_iter=scheme))
-  opt = blaq_jax.laq(args.lr, bits=bits, **opt_kw)
+  opt = make_optimizer(args.method, args.lr, bits, args.level_set, **opt_kw)
   state = opt.init(params)
   params = blaq_jax.quantized_params(params, state)
 
@@ -227,8 +241,11 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
     count = int(new_state.count)
     for p in paths:
       w = new_state.latent[p]["kernel"]
-      root = new_state.rule.sqrt_nu[p]["kernel"]
-      d = EPS + root / jnp.sqrt(1 - B2 ** count)  # D_t up to the 1/lr factor
+      if args.method == "laq":  # D_t up to the 1/lr factor
+        root = new_state.rule.sqrt_nu[p]["kernel"]
+        d = EPS + root / jnp.sqrt(1 - B2 ** count)
+      else:
+        d = jnp.ones_like(w)
       out, n_rounds = projections(w, d, prev[p].alpha, before[p],
                                   prev[p].codes)
       rounds_needed.append((t + 1, p, int(n_rounds)))
@@ -273,6 +290,11 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
 
 def _parser():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--method", choices=("laq", "ste"), default="laq",
+                 help="laq (D-weighted) or ste (uniform quantizer, fitted "
+                 "scale, D = 1)")
+  p.add_argument("--level-set", default="blaq",
+                 help="level set of the quantized kernels")
   p.add_argument("--bits", default="2,3")
   p.add_argument("--rounds", default="1,2,3,4")
   p.add_argument("--steps", type=int, default=300)
@@ -303,8 +325,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     side = run(bits, args, x, y, scheme=None)
     own = {str(r): run(bits, args, x, y, scheme=r) for r in args.rounds}
     results[str(bits)] = dict(side=side, own=own)
-    print(f"\n{bits} bits: {args.steps} steps x {len(side['leaves'])} "
-          "kernels; relative excess D-weighted error vs converged")
+    print(f"\n{args.method}, {bits} bits ({args.level_set}): {args.steps} "
+          f"steps x {len(side['leaves'])} kernels; relative excess "
+          "D-weighted error vs converged")
     print(common.markdown_table(
         ["protocol", "scheme", "n", "mean", "max", "frac > 1e-6",
          "step-1 max", "final loss"],
