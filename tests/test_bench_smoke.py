@@ -20,7 +20,7 @@ def test_update_cost_main_quick(capsys):
   assert "| method |" in out and "machine:" in out
   names = [(r["method"], r["bits"]) for r in rows]
   assert names == [("adam", "-"), ("laq", 1), ("laq +diag", 1), ("laq", 2),
-                   ("laq +diag", 2), ("laq R=2", 2)]
+                   ("laq +diag", 2), ("laq R=2", 2), ("laq conv", 2)]
   by = {(r["method"], r["bits"]): r for r in rows}
   adam = by["adam", "-"]
   assert adam["ratio"] == 1.0
@@ -30,6 +30,9 @@ def test_update_cost_main_quick(capsys):
   # LAQ's default 2-bit projection is 2 fixed rounds, like R=2: no loop.
   assert by["laq", 2]["loops"] == 0 and by["laq", 2]["loop_kernels"] == 0
   assert by["laq R=2", 2]["loops"] == 0 and by["laq", 1]["loops"] == 0
+  # The converged option runs the rounds in a while_loop.
+  assert by["laq conv", 2]["loops"] >= 1 and by["laq conv", 2][
+      "loop_kernels"] > 0
   # Diagnostics add state (the last update) and work to the step.
   assert by["laq +diag", 1]["bytes_per_param"] > by["laq", 1][
       "bytes_per_param"]

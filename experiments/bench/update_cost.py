@@ -15,9 +15,10 @@ Methods (per bit width): ``laq``, ``blaq active``, ``bc`` (BinaryConnect;
 at ``k >= 2`` bits its linear grid of scale 1) and ``ste`` (sign, or the
 BLAQ level set with the ``"fit"`` scale), each with the default
 ``diagnostics=False`` and again with ``+diag`` (``diagnostics=True``). At
-``k >= 2`` bits the rows ``... R=r`` use the fixed-round projection
-(``tol=None, max_iter=r``, ``--rounds``) instead of the converge-to-``tol``
-loop.
+``k >= 2`` bits the default projection is 2 fixed rounds; the rows
+``... R=r`` set ``tol=None, max_iter=r`` (``--rounds``) and the rows
+``... conv`` ask for the converged projection (``tol=1e-6``, a
+``while_loop``).
 
 Columns that do not depend on the machine's load come from the compiled
 step (:func:`compiled_profile`):
@@ -97,7 +98,8 @@ def method_specs(bits: int, rounds: Optional[int] = None
   Kinds: ``"none"`` or ``"grad_fn"`` (the trial gradient is the second
   gradient tree). Every quantizing method also appears as ``name +diag``
   (``diagnostics=True``), and at ``bits >= 2`` with ``rounds`` as
-  ``name R=rounds`` (``tol=None, max_iter=rounds``).
+  ``name R=rounds`` (``tol=None, max_iter=rounds``) and as ``name conv``
+  (``tol=1e-6``: the projection converged, the exact-minimiser option).
   """
   def bc_quantize(path, leaf):
     return bits if default_quantize(path, leaf) else 0
@@ -116,18 +118,20 @@ def method_specs(bits: int, rounds: Optional[int] = None
     specs[name] = (make, kind)
     specs[f"{name} +diag"] = (
         lambda make=make: make(diagnostics=True), kind)
-    if bits >= 2 and rounds and name != "bc":  # bc's scale is fixed
-      specs[f"{name} R={rounds}"] = (
-          lambda make=make: make(tol=None, max_iter=rounds), kind)
+    if bits >= 2 and name != "bc":  # bc's scale is fixed
+      if rounds:
+        specs[f"{name} R={rounds}"] = (
+            lambda make=make: make(tol=None, max_iter=rounds), kind)
+      specs[f"{name} conv"] = (lambda make=make: make(tol=1e-6), kind)
   return specs
 
 
 def _selected(name: str, methods: Optional[Sequence[str]]) -> bool:
   """A method is selected by its name or by its base name (before a space
-  and ``+diag``/``R=``)."""
+  and ``+diag``/``R=``/``conv``)."""
   if methods is None:
     methods = DEFAULT_METHODS
-  base = re.sub(r" (\+diag|R=\d+)$", "", name)
+  base = re.sub(r" (\+diag|R=\d+|conv)$", "", name)
   return name in methods or base in methods
 
 
