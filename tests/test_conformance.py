@@ -179,6 +179,12 @@ CANNOT = {
     ("fig1", "bc"):
         "BinaryConnect's fixed scale 1 cannot represent alpha* = 0.054; "
         "the latent zig-zags around 0",
+    ("fig1", "ste-uniform2"):
+        "at alpha* (1, -1) the STE gradient (.00083, .00083) is normal to the "
+        "set: the latent drifts along it until |w_0| / alpha < 1/2 gives w_0 "
+        "the zero code, so q cycles (relative error up to 1.0 over steps "
+        "2000-3000 at lr 0.001-0.01, converged or 2-round projection); step "
+        "1000 lands near alpha* only by the phase of that cycle",
 }
 
 
