@@ -39,6 +39,7 @@ def test_update_cost_main_quick(capsys):
   assert by["laq +diag", 1]["kernels"] > by["laq", 1]["kernels"]
   for r in rows:
     assert r["ms"] > 0 and math.isfinite(r["ratio"]) and r["gbs"] > 0
+    assert r["faults"] >= 0
     assert r["hlo_bytes_per_param"] > 0 and r["kernels"] > 0
 
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import time
 from typing import Any, Callable, Dict, Mapping, Sequence
@@ -170,6 +171,24 @@ def time_interleaved(runners: Mapping[str, Callable[[], Any]], *,
       block(out)
       samples[name].append((time.perf_counter() - t0) / inner)
   return samples
+
+
+def page_faults(fn: Callable[[], Any], calls: int = 5) -> float:
+  """Minor page faults per call of ``fn`` (warm: call it before).
+
+  Pages the OS mapped, each zeroed, during the calls: memory a step frees
+  and the next allocates again, when the allocator gave it back to the OS
+  (:mod:`experiments.heap` keeps it). Counted for the whole process.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> page_faults(lambda: jnp.ones(4)) >= 0
+    True
+  """
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    block(fn())
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def median(xs) -> float:

@@ -30,6 +30,12 @@ step (:func:`compiled_profile`):
   once per round of the k-bit projection;
 * *temp B/param*: scratch memory for intermediates written between kernels.
 
+*faults/call* (timed runs): minor page faults per call after the timing,
+pages the OS maps (and zeroes) because the last call's freed temporaries
+went back to it; :mod:`experiments.heap`, applied when the package is
+imported, keeps them (``BLAQ_JAX_MALLOC=default`` measures glibc's
+defaults).
+
 *x laq* is the time over LAQ's at the same bit width; *target* and *met*
 give issue 15's targets (:data:`TARGETS`: LAQ against Adam, BLAQ's active
 step against LAQ), judged only from a timed run.
@@ -274,6 +280,7 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
     samples = common.time_interleaved(runners, repeats=repeats, warmup=3)
     base = "adam" if "adam" in samples else next(iter(samples))
     ratio = common.ratios(samples, base)
+    faults = {key: common.page_faults(run) for key, run in runners.items()}
   rows = []
   for key in runners:
     t = common.median(samples[key]) if timing else nan
@@ -286,7 +293,8 @@ def measure(params_name: str, bits_list: Sequence[int], *, repeats: int,
         hlo_bytes_per_param=prof["bytes"] / n, gbs=gbs,
         frac_bw=(gbs / bandwidth if bandwidth and timing else nan),
         kernels=prof["kernels"], loop_kernels=prof["loop_kernels"],
-        loops=prof["loops"], temp_per_param=prof["temp_bytes"] / n))
+        loops=prof["loops"], temp_per_param=prof["temp_bytes"] / n,
+        faults=faults[key] if timing else nan))
   for row in rows:
     laq = [r["ms"] for r in rows if r["method"] == "laq"
            and r["bits"] == row["bits"]]
@@ -354,11 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     print(common.markdown_table(
         ["method", "bits", "ms", "x adam", "x laq", "target", "met",
          "pass B/param", "HLO B/param", "GB/s", "% of bw", "kernels",
-         "loop kernels", "temp B/param"],
+         "loop kernels", "temp B/param", "faults/call"],
         [[x["method"], x["bits"], x["ms"], x["ratio"], x["x_laq"],
           x["target"], x["met"], x["bytes_per_param"],
           x["hlo_bytes_per_param"], x["gbs"], 100 * x["frac_bw"],
-          x["kernels"], x["loop_kernels"], x["temp_per_param"]]
+          x["kernels"], x["loop_kernels"], x["temp_per_param"], x["faults"]]
          for x in r]))
     rows += r
   if args.out:
