@@ -7,7 +7,7 @@ shrink, a trimmed heap), and the next call faults every page in again, each
 zeroed by the kernel. BLAQ's active step (the trial point, its gradient and
 blended curvature are temporaries) and the diagnostics (the last latent
 weights and codes) pay this on every step: on the MNIST MLP's update
-(10M parameters) about 20,000-28,000 page faults per step and 13-25% of the
+(10M parameters) about 20,000-28,000 page faults per step and 9-27% of the
 update's time (``experiments/bench/README.md``, "Freed memory kept"). LAQ's
 and Adam's updates, whose state is updated in place, have no large
 temporaries and do not change.
