@@ -15,13 +15,12 @@ temporaries and do not change.
 :func:`retain_freed_memory` sets three ``mallopt`` parameters: one arena
 for all threads, no ``mmap`` for large blocks, and no trimming of the heap
 below 2 GiB, so freed blocks are reused by the next call. The heap then
-stays at its peak size and fragments before it settles: the resident set
-grows by 10-25% on the MNIST MLP's update
-(``python -m experiments.bench.freed_memory``). The
-training application calls it when :mod:`experiments` is imported, before
-XLA starts its threads; ``BLAQ_JAX_MALLOC=default`` in the environment keeps
-glibc's defaults. Any program can get the same without code by starting
-Python with::
+stays at its peak size and fragments before it settles: the peak resident
+set grows by 10-25% on the MNIST MLP's update (``python -m
+experiments.bench.freed_memory``). The training application calls it when
+:mod:`experiments` is imported, before XLA starts its threads;
+``BLAQ_JAX_MALLOC=default`` in the environment keeps glibc's defaults. Any
+program can get the same without code by starting Python with::
 
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
 
