@@ -12,20 +12,19 @@ import sys
 import pytest
 
 CHILD = r"""
-import resource, sys
 import experiments  # applies the settings unless BLAQ_JAX_MALLOC=default
-from experiments import heap
+from experiments.bench import common
 import jax, jax.numpy as jnp
-x = jnp.ones((4096, 4096))  # 64 MiB
+box = [jnp.ones((4096, 4096))]  # 64 MiB
 step = jax.jit(lambda x: x + jnp.sum(jnp.exp(x) * 2.0, axis=0) / x.shape[0],
                donate_argnums=0)
-for _ in range(10):
-  x = step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(40):
-  x = step(x).block_until_ready()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-print((after - before) / 40)
+
+def call():
+  box[0] = step(box[0])
+  return box[0]
+
+common.page_faults(call, calls=10)  # warm-up
+print(common.page_faults(call, calls=40))
 """
 
 
