@@ -272,13 +272,17 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   if not no_eps:
     d = d + eps
 
-  def alpha_for(beta):
-    db = d * beta
-    return safe_ratio(*fused_sums([db * w, db * beta], axes))
+  # The rounds reduce magnitudes: d |beta| |w| = d beta w and d |beta|^2 =
+  # d beta^2 exactly (the sets are symmetric and beta has the sign of w),
+  # and |beta| of one threshold is a comparison (LevelSet.magnitude).
+  def alpha_for(m):
+    dm = d * m
+    return safe_ratio(*fused_sums([dm * jnp.abs(w), dm * m], axes))
 
   def beta_at(alpha):
     # alpha > 0 always (ratio of positive sums, or the positive fallback).
-    return level_set.nearest(w / _expand(alpha, w.ndim, channel_axis))
+    return level_set.magnitude(
+        jnp.abs(w / _expand(alpha, w.ndim, channel_axis)))
 
   if tol is None:
     if start_alpha is not None:
@@ -292,10 +296,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     return alpha, encode(w, alpha, level_set, channel_axis)
 
   if prev_codes is not None:
-    beta0 = level_set.decode(prev_codes)
+    beta0 = jnp.abs(level_set.decode(prev_codes))
   else:
     wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    beta0 = level_set.nearest(w / jnp.where(wmax > 0, wmax, 1.0))
+    beta0 = level_set.magnitude(jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0))
   alpha0 = alpha_for(beta0)
 
   def cond(carry):
@@ -336,9 +340,9 @@ def _fixed_rounds(alpha, rounds, w, d, axes, beta_at, safe_ratio):
   """
   best, best_gain, hist, extrapolated = alpha, None, [alpha], False
   for r in range(rounds):
-    beta = beta_at(alpha)
-    db = d * beta
-    s1, s2 = fused_sums([db * w, db * beta], axes)
+    m = beta_at(alpha)
+    dm = d * m
+    s1, s2 = fused_sums([dm * jnp.abs(w), dm * m], axes)
     new = safe_ratio(s1, s2)
     gain = jnp.where(s2 > 0, s1 * new, -jnp.inf)  # = S1^2 / S2
     if not extrapolated:  # plain rounds only descend: the last is the best

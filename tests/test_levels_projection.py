@@ -35,6 +35,32 @@ def test_nearest_matches_argmin_and_codes_round_trip(kind, bits):
   np.testing.assert_array_equal(v[np.asarray(codes)], got)
 
 
+@pytest.mark.parametrize("kind,bits", ALL_SETS)
+def test_magnitude_is_abs_nearest_at_ties_too(kind, bits):
+  ls = LevelSet(kind, bits)
+  v = ls.values
+  mid = (v[1:] + v[:-1]) / 2  # the ties, and the floats either side
+  x = np.concatenate([v, mid, np.nextafter(mid, np.float32(2)),
+                      np.nextafter(mid, np.float32(-2)),
+                      np.linspace(-3, 3, 2001), [0.0, np.inf, -np.inf]])
+  x = jnp.asarray(x, jnp.float32)
+  got = ls.magnitude(jnp.abs(x))
+  chex.assert_type(got, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got),
+                                np.abs(np.asarray(ls.nearest(x))))
+
+
+@pytest.mark.parametrize("kind,x,want", [
+    ("blaq", [0.0, 0.7499999, 0.75, 5.0], [0.5, 0.5, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 0.5000001, 5.0], [0.0, 0.0, 1.0, 1.0]),
+    ("log", [0.0, 0.4999999, 0.5, 5.0], [0.0, 0.0, 1.0, 1.0])])
+def test_two_bit_magnitude_thresholds(kind, x, want):
+  # blaq {+-1/2, +-1}: the midpoint 3/4 rounds up (2 |x| = 1.5 halves to
+  # even 2); ternary: 1/2 rounds to even 0; log {0, +-1}: 1/2 is nonzero.
+  got = LevelSet(kind, 2).magnitude(jnp.asarray(x, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_level_sets_of_method_md():
   np.testing.assert_array_equal(LevelSet("blaq", 1).values, [-1, 1])
   np.testing.assert_array_equal(LevelSet("blaq", 2).values,

@@ -12,8 +12,12 @@ the reduction's code costs instead:
   two single-output sums (two passes).
 * ``fused, no levels``: :func:`blaq_jax.projection.fused_sums` of ``d w`` and
   ``d``: one variadic (two-output) reduction, no level computation.
-* ``k-bit round``: the library's round (fused sums of ``d beta w`` and
-  ``d beta^2`` at 2 bits).
+* ``k-bit round``: the library's round at 2 bits: fused sums of
+  ``d |beta| |w|`` and ``d |beta|^2``, ``|beta|`` by one comparison
+  (:meth:`blaq_jax.levels.LevelSet.magnitude`).
+* ``k-bit round, signed levels``: the same sums as ``d beta w`` and
+  ``d beta^2`` with ``beta = nearest(w / alpha)`` (a rounding and a clamp;
+  the library's round before it took magnitudes).
 * ``k-bit S1 only``: ``sum(d beta w)`` alone, one output (the cost of the
   levels inside a reduction).
 * ``k-bit round, two sums``: the same two sums as separate ``jnp.sum`` calls
@@ -53,12 +57,19 @@ def _round(w, d, alpha):
   return db, beta
 
 
+def _magnitude_round(w, d, alpha):
+  m = LEVELS.magnitude(jnp.abs(w / alpha))
+  dm = d * m
+  return fused_sums([dm * jnp.abs(w), dm * m], (0, 1))
+
+
 VARIANTS = {
     "one sum": lambda w, d, a, e: [jnp.sum(d * w)],
     "1-bit sums": lambda w, d, a, e: [jnp.sum((d + e) * jnp.maximum(w, -w)),
                                       jnp.sum(d)],
     "fused, no levels": lambda w, d, a, e: fused_sums([d * w, d], (0, 1)),
-    "k-bit round": lambda w, d, a, e: (lambda db, b: fused_sums(
+    "k-bit round": lambda w, d, a, e: _magnitude_round(w, d + e, a),
+    "k-bit round, signed levels": lambda w, d, a, e: (lambda db, b: fused_sums(
         [db * w, db * b], (0, 1)))(*_round(w, d + e, a)),
     "k-bit S1 only": lambda w, d, a, e: (lambda db, b: [jnp.sum(db * w)])(
         *_round(w, d + e, a)),
