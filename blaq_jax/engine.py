@@ -130,8 +130,10 @@ class Context(NamedTuple):
       precision) and bool per leaf.
     diagnostics, last_stats: whether the diagnostics are on; the last
       step's :class:`~blaq_jax.state.Diagnostics` (None when off).
-    project: ``(latent list, weight list or None) -> LeafScale list``
-      (None at full precision): the projection of those latent weights.
+    project: ``(latent list, weight list or None, rounds=None) ->
+      LeafScale list`` (None at full precision): the projection of those
+      latent weights; ``rounds`` replaces the number of rounds where the
+      projection runs fixed rounds (BLAQ's trial point).
     params_at: ``(latent list, LeafScale list) -> params``: ``alpha * beta``
       at the quantized leaves.
     gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``
@@ -318,8 +320,10 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       return 1e-6, 20  # init, and by default above 2 bits: converge
     return tol, (2 if tol is None else 20) if max_iter is None else max_iter
 
-  def proj(w, d, s, prev):
+  def proj(w, d, s, prev, fixed=None):
     t, rounds = rounds_of(s, prev is None)
+    if t is None and fixed is not None:
+      rounds = fixed
     alpha, unit = rule.project(w, d, s, prev, channel_axis=channel_axis,
                                tol=t, max_iter=rounds)
     return LeafScale(alpha, unit, level_set=s, channel_axis=channel_axis)
@@ -407,9 +411,10 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
               for w, p, s in zip(latent_in, leaves, sets)]
     old = [sc.at(w) if s else None for sc, w, s in zip(scales, latent, sets)]
 
-    def scales_of(ws, weights):
-      return [proj(w, None if weights is None else weights[i], s, old[i])
-              if s else None for i, (w, s) in enumerate(zip(ws, sets))]
+    def scales_of(ws, weights, rounds=None):
+      return [proj(w, None if weights is None else weights[i], s, old[i],
+                   rounds) if s else None
+              for i, (w, s) in enumerate(zip(ws, sets))]
 
     def params_at(ws, scales):
       return treedef.unflatten([sc.dequantize(w, p.dtype) if s else p

@@ -52,6 +52,15 @@ def test_update_cost_profile_without_timing(capsys):
     assert math.isnan(r["ms"]) and r["kernels"] > 0 and r["loops"] == 0
 
 
+def test_update_cost_trial_round_row_runs_one_round_less():
+  rows = update_cost.main(["--quick", "--no-timing", "--bits", "2",
+                           "--methods", "blaq active"])
+  by = {r["method"]: r for r in rows}
+  assert {"blaq active", "blaq active trial=1"} <= set(by)
+  # One round of the trial point's projection fewer: fewer kernels.
+  assert by["blaq active trial=1"]["kernels"] < by["blaq active"]["kernels"]
+
+
 def test_memory_main_tiny(capsys):
   rows = memory.main(["--params", "tiny", "--bits", "1",
                       "--methods", "adam,laq,laq +diag"])

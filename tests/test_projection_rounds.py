@@ -240,6 +240,42 @@ def test_codes_are_stored_only_where_a_step_reads_the_last_ones(make, stored):
   blaq_jax.check_on_level_set(params, state)
 
 
+@pytest.mark.parametrize("trial_rounds,rounds", [(1, 1), (None, 2), (3, 3)])
+def test_blaq_trial_point_is_projected_in_trial_rounds(trial_rounds, rounds):
+  """On 0.5 sum h (q - c)^2 the stored g* = h (q* - c) gives q*: it is the
+  numpy projection of the stored w* with D_t in that many rounds from the
+  last scale (None: the real step's 2)."""
+  rng = np.random.default_rng(1)
+  w0 = rng.normal(scale=0.3, size=(16, 8)).astype(np.float32)
+  h = rng.uniform(0.5, 4.0, size=w0.shape).astype(np.float32)
+  c = rng.normal(scale=0.3, size=w0.shape).astype(np.float32)
+  loss = lambda p: 0.5 * jnp.sum(h * (p["kernel"] - c) ** 2)  # noqa: E731
+  opt = blaq_jax.blaq(0.01, bits=2, level_set="linear", keep_trial=True,
+                      trial_rounds=trial_rounds)
+  params = {"kernel": jnp.asarray(w0)}
+  state = opt.init(params)
+  params = blaq_jax.quantized_params(params, state)
+  alpha0 = np.float64(blaq_jax.scales(state)["kernel"])
+  _, state = opt.update(jax.grad(loss)(params), state, params,
+                        grad_fn=jax.grad(loss))
+  w_star, g_star, root = (np.asarray(optax.tree.get(state, k)["kernel"],
+                                     np.float64)
+                          for k in ("trial_latent", "trial_grad", "sqrt_nu"))
+  d = 1e-8 + root / np.sqrt(1 - 0.999)  # D_t up to the factor 1 / eta
+  values = LevelSet("linear", 2).values.astype(np.float64)
+  want, other = ((lambda a, b: a * b)(*np_rounds(w_star, d, values, alpha0,
+                                                  r))
+                  for r in (rounds, 2 if rounds == 1 else 1))
+  assert not np.allclose(want, other)  # the round count shows in q*
+  np.testing.assert_allclose(g_star / h + c, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, True, 1.5, jnp.array(1)])
+def test_trial_rounds_must_be_a_static_positive_int(bad):
+  with pytest.raises(ValueError, match="trial_rounds"):
+    blaq_jax.blaq(0.01, trial_rounds=bad)
+
+
 def test_one_round_forms_both_sums_in_one_pass():
   """A per-tensor round reads w and d once: about 8 bytes per entry."""
   ls = LevelSet("blaq", 2)

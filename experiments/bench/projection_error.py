@@ -32,7 +32,11 @@ for each we compare
 Also recorded: the rounds the converged loop takes per step (step 1, the
 first after ``init``, separately) and the training loss. ``--method ste``
 trains ``ste(quantizer="uniform", scale="fit")`` instead, whose projection
-is the same alternation with ``D = 1``.
+is the same alternation with ``D = 1``. ``--method blaq`` trains BLAQ (every
+step active, ``keep_trial=True``) and measures its trial point's problems
+``(w*, D_t)`` instead: ``own`` trains with ``trial_rounds=R`` (the real step
+at the library's default) and projects each ``w*`` in ``R`` rounds from the
+last scale, as the step did; ``side`` trains with converged projections.
 
 Usage::
 
@@ -40,6 +44,8 @@ Usage::
       --out experiments/results/projection_error.json
   python -m experiments.bench.projection_error --method ste \\
       --level-set linear --bits 2,3 --out experiments/results/projection_error_ste.json
+  python -m experiments.bench.projection_error --method blaq --bits 2 \\
+      --rounds 1,2 --out experiments/results/projection_error_blaq_trial.json
 
 Example:
   >>> import contextlib, io
@@ -171,6 +177,9 @@ def make_optimizer(method: str, lr: float, bits: int, level_set: str,
   scale (``ste(quantizer="uniform", scale="fit")``: ``D = 1``)."""
   if method == "laq":
     return blaq_jax.laq(lr, bits=bits, level_set=level_set, **kw)
+  if method == "blaq":
+    return blaq_jax.blaq(lr, bits=bits, level_set=level_set, keep_trial=True,
+                         **kw)
   return blaq_jax.ste(lr, quantizer="uniform", bits=bits, level_set=level_set,
                       scale="fit", **kw)
 
@@ -181,7 +190,9 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   ls = LevelSet(args.level_set, bits)
   sizes = (x[0].size,) + (args.hidden,) * args.layers + (10,)
   params = common.mlp_params(sizes, seed=args.seed)
-  opt_kw = (CONVERGED if scheme is None else dict(tol=None, max_iter=scheme))
+  trial = args.method == "blaq"
+  opt_kw = (CONVERGED if scheme is None else dict(trial_rounds=scheme)
+            if trial else dict(tol=None, max_iter=scheme))
   opt = make_optimizer(args.method, args.lr, bits, args.level_set, **opt_kw)
   state = opt.init(params)
   params = blaq_jax.quantized_params(params, state)
@@ -193,10 +204,11 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   @jax.jit
   def train_step(p, s, xb, yb):
     loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
-    u, s = opt.update(g, s, p)
+    u, s = opt.update(g, s, p, grad_fn=lambda q: jax.grad(loss_fn)(q, xb, yb))
     return optax.apply_updates(p, u), s, loss
 
-  variants = _variants(args.rounds) if scheme is None else {}
+  variants = _variants(args.rounds) if scheme is None else (
+      {"own": ("alpha", scheme)} if trial else {})
 
   @jax.jit
   def projections(w, d, prev_alpha, before_alpha, prev_codes):
@@ -227,7 +239,7 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
   paths = [k for k in ("dense0", "dense1", "dense2", "dense3")
            if k in params][:args.layers + 1]
   names = ["conv", "engine_default"] + (list(variants) if scheme is None
-                                        else ["own"])
+                                        or trial else ["own"])
   excess = {n: [] for n in names if n != "conv"}
   rounds_needed, losses, check = [], [], 0.0
   before = {p: state.quantized[p]["kernel"].alpha for p in paths}
@@ -240,8 +252,9 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
     losses.append(float(loss))
     count = int(new_state.count)
     for p in paths:
-      w = new_state.latent[p]["kernel"]
-      if args.method == "laq":  # D_t up to the 1/lr factor
+      w = (optax.tree.get(new_state, "trial_latent") if trial
+           else new_state.latent)[p]["kernel"]  # w*, or w_{t+1}
+      if args.method != "ste":  # D_t up to the 1/lr factor
         root = new_state.rule.sqrt_nu[p]["kernel"]
         d = EPS + root / jnp.sqrt(1 - B2 ** count)
       else:
@@ -253,9 +266,9 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
       d64 = np.asarray(d, np.float64)
       e_conv = error(w64, d64, *out["conv"])
       got = new_qts[p]["kernel"]
-      if scheme is not None:
+      if scheme is not None and not trial:
         out["own"] = (got.alpha, got.codes)
-      else:  # the trajectory's own projection is the engine's converged one
+      elif scheme is None and not trial:  # the engine's converged one
         check = max(check, abs(float(got.alpha) / float(out["conv"][0]) - 1))
       for n in excess:
         e = error(w64, d64, *out[n])
@@ -290,9 +303,9 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
 
 def _parser():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--method", choices=("laq", "ste"), default="laq",
-                 help="laq (D-weighted) or ste (uniform quantizer, fitted "
-                 "scale, D = 1)")
+  p.add_argument("--method", choices=("laq", "ste", "blaq"), default="laq",
+                 help="laq (D-weighted), ste (uniform quantizer, fitted "
+                 "scale, D = 1) or blaq (its trial point's projections)")
   p.add_argument("--level-set", default="blaq",
                  help="level set of the quantized kernels")
   p.add_argument("--bits", default="2,3")

@@ -18,7 +18,8 @@ BLAQ level set with the ``"fit"`` scale), each with the default
 ``k >= 2`` bits the default projection is 2 fixed rounds; the rows
 ``... R=r`` set ``tol=None, max_iter=r`` (``--rounds``) and the rows
 ``... conv`` ask for the converged projection (``tol=1e-6``, a
-``while_loop``).
+``while_loop``); ``blaq active trial=1`` projects BLAQ's trial point in one
+round (``trial_rounds=1``).
 
 Columns that do not depend on the machine's load come from the compiled
 step (:func:`compiled_profile`):
@@ -129,15 +130,18 @@ def method_specs(bits: int, rounds: Optional[int] = None
         specs[f"{name} R={rounds}"] = (
             lambda make=make: make(tol=None, max_iter=rounds), kind)
       specs[f"{name} conv"] = (lambda make=make: make(tol=1e-6), kind)
+  if bits >= 2:
+    specs["blaq active trial=1"] = (
+        lambda: base["blaq active"][0](trial_rounds=1), "grad_fn")
   return specs
 
 
 def _selected(name: str, methods: Optional[Sequence[str]]) -> bool:
   """A method is selected by its name or by its base name (before a space
-  and ``+diag``/``R=``/``conv``)."""
+  and ``+diag``/``R=``/``conv``/``trial=``)."""
   if methods is None:
     methods = DEFAULT_METHODS
-  base = re.sub(r" (\+diag|R=\d+|conv)$", "", name)
+  base = re.sub(r" (\+diag|R=\d+|conv|trial=\d+)$", "", name)
   return name in methods or base in methods
 
 
