@@ -295,12 +295,14 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
                           safe_ratio)
     return alpha, encode(w, alpha, level_set, channel_axis)
 
-  if prev_codes is not None:
-    beta0 = jnp.abs(level_set.decode(prev_codes))
+  if prev_codes is not None:  # signed: the last codes' signs may differ
+    beta0 = level_set.decode(prev_codes)
+    db = d * beta0
+    alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes))
   else:
     wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    beta0 = level_set.magnitude(jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0))
-  alpha0 = alpha_for(beta0)
+    alpha0 = alpha_for(level_set.magnitude(
+        jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0)))
 
   def cond(carry):
     i, alpha, prev = carry

@@ -175,6 +175,24 @@ def test_tol_converges_to_the_same_minimiser_as_before(kind, bits):
   np.testing.assert_array_equal(codes2, codes)
 
 
+@pytest.mark.parametrize("kind,bits", SETS)
+def test_tol_from_codes_of_the_opposite_signs_keeps_alpha_positive(kind, bits):
+  """Started from the codes of -w (every sign flipped, so the start scale
+  is negative), the loop still returns a positive scale and the codes of
+  the start from w's own codes: the rounds reduce |beta| |w|."""
+  w, d = problem(6, shape=(300, 7))
+  ls = LevelSet(kind, bits)
+  own = ls.codes(jnp.asarray(w / np.abs(w).max()))
+  flipped = ls.codes(jnp.asarray(-w / np.abs(w).max()))
+  alpha, codes = project(w, d, ls, prev_codes=flipped, tol=1e-7,
+                         max_iter=200)
+  ref_alpha, ref_codes = project(w, d, ls, prev_codes=own, tol=1e-7,
+                                 max_iter=200)
+  assert float(alpha) > 0
+  np.testing.assert_allclose(alpha, ref_alpha, rtol=1e-5)
+  np.testing.assert_array_equal(codes, ref_codes)
+
+
 def test_fixed_rounds_have_no_while_loop_and_tol_has_one():
   ls = LevelSet("blaq", 2)
   w = jnp.ones((8, 4))
