@@ -152,3 +152,15 @@ def test_projection_error_ste_uses_unit_weights(capsys):
   assert side["converged_vs_trajectory_alpha"] < 1e-5
   assert side["excess"]["engine_default"]["max"] < 1e-5
   assert out["results"]["2"]["own"]["2"]["excess"]["own"]["n"] == 9
+
+
+def test_projection_error_blaq_measures_the_trial_point(capsys):
+  out = projection_error.main(
+      ["--method", "blaq", "--synthetic", "--steps", "3", "--hidden", "8",
+       "--bits", "2", "--rounds", "1,3", "--out", ""])
+  assert "blaq, 2 bits (blaq)" in capsys.readouterr().out
+  own = out["results"]["2"]["own"]
+  assert own["1"]["excess"]["own"]["n"] == 9  # 3 steps x 3 kernels
+  # Three rounds (one Aitken start) land within float noise of converged.
+  assert abs(own["3"]["excess"]["own"]["max"]) < 1e-4
+  assert out["results"]["2"]["side"]["excess"]["alpha/3"]["max"] < 1e-4
