@@ -320,12 +320,12 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       return 1e-6, 20  # init, and by default above 2 bits: converge
     return tol, (2 if tol is None else 20) if max_iter is None else max_iter
 
-  def proj(w, d, s, prev, fixed=None):
-    t, rounds = rounds_of(s, prev is None)
-    if t is None and fixed is not None:
-      rounds = fixed
+  def proj(w, d, s, prev, rounds=None):
+    t, n = rounds_of(s, prev is None)
+    if t is None and rounds is not None:  # the count of fixed rounds
+      n = rounds
     alpha, unit = rule.project(w, d, s, prev, channel_axis=channel_axis,
-                               tol=t, max_iter=rounds)
+                               tol=t, max_iter=n)
     return LeafScale(alpha, unit, level_set=s, channel_axis=channel_axis)
 
   def to_store(sc, w, s):
