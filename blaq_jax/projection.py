@@ -275,14 +275,13 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   # The rounds reduce magnitudes: d |beta| |w| = d beta w and d |beta|^2 =
   # d beta^2 exactly (the sets are symmetric and beta has the sign of w),
   # and |beta| of one threshold is a comparison (LevelSet.magnitude).
-  def alpha_for(m):
+  def sums(m):  # S1 = sum(d |beta| |w|), S2 = sum(d |beta|^2), one pass
     dm = d * m
-    return safe_ratio(*fused_sums([dm * jnp.abs(w), dm * m], axes))
+    return fused_sums([dm * jnp.abs(w), dm * m], axes)
 
-  def beta_at(alpha):
-    # alpha > 0 always (ratio of positive sums, or the positive fallback).
-    return level_set.magnitude(
-        jnp.abs(w / _expand(alpha, w.ndim, channel_axis)))
+  def round_sums(alpha):
+    return sums(level_set.magnitude(
+        jnp.abs(w / _expand(alpha, w.ndim, channel_axis))))
 
   if tol is None:
     if start_alpha is not None:
@@ -291,8 +290,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       alpha = fallback
     else:
       alpha = initial_scale(w, d, level_set, channel_axis=channel_axis)
-    alpha = _fixed_rounds(alpha, int(max_iter), w, d, axes, beta_at,
-                          safe_ratio)
+    alpha = _fixed_rounds(alpha, int(max_iter), round_sums, safe_ratio)
     return alpha, encode(w, alpha, level_set, channel_axis)
 
   if prev_codes is not None:  # signed: the last codes' signs may differ
@@ -301,8 +299,8 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes))
   else:
     wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    alpha0 = alpha_for(level_set.magnitude(
-        jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0)))
+    alpha0 = safe_ratio(*sums(level_set.magnitude(
+        jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0))))
 
   def cond(carry):
     i, alpha, prev = carry
@@ -310,9 +308,9 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
 
   def body(carry):
     i, alpha, _ = carry
-    return i + 1, alpha_for(beta_at(alpha)), alpha
+    return i + 1, safe_ratio(*round_sums(alpha)), alpha
 
-  alpha1 = alpha_for(beta_at(alpha0))
+  alpha1 = safe_ratio(*round_sums(alpha0))
   _, alpha, _ = jax.lax.while_loop(cond, body, (1, alpha1, alpha0))
   return alpha, encode(w, alpha, level_set, channel_axis)
 
@@ -326,13 +324,14 @@ def _aitken(x0, x1, x2):
   return jnp.where(ok, guess, x2)
 
 
-def _fixed_rounds(alpha, rounds, w, d, axes, beta_at, safe_ratio):
+def _fixed_rounds(alpha, rounds, round_sums, safe_ratio):
   """``rounds`` alternations from ``alpha``, unrolled (see :func:`project`).
 
-  Round ``r`` evaluates ``beta_r = nearest(w / a_r)`` and, in one pass,
-  ``S1 = sum(d beta_r w)``, ``S2 = sum(d beta_r^2)``: its candidate
-  ``alpha_r = S1 / S2`` has error ``sum(d w^2) - S1^2 / S2``, so the candidate
-  with the largest gain ``S1^2 / S2`` is the best (ties: the later one).
+  Round ``r`` evaluates ``beta_r = nearest(w / a_r)`` and, in one pass
+  (``round_sums``), ``S1 = sum(d beta_r w)``, ``S2 = sum(d beta_r^2)``: its
+  candidate ``alpha_r = S1 / S2`` has error ``sum(d w^2) - S1^2 / S2``, so
+  the candidate with the largest gain ``S1^2 / S2`` is the best (ties: the
+  later one).
   After every two rounds the next round starts from the Aitken extrapolation
   of the last three scales (kept within a factor 2), which speeds up the
   linear convergence of the alternation. Returned: the last plain round
@@ -342,9 +341,7 @@ def _fixed_rounds(alpha, rounds, w, d, axes, beta_at, safe_ratio):
   """
   best, best_gain, hist, extrapolated = alpha, None, [alpha], False
   for r in range(rounds):
-    m = beta_at(alpha)
-    dm = d * m
-    s1, s2 = fused_sums([dm * jnp.abs(w), dm * m], axes)
+    s1, s2 = round_sums(alpha)
     new = safe_ratio(s1, s2)
     gain = jnp.where(s2 > 0, s1 * new, -jnp.inf)  # = S1^2 / S2
     if not extrapolated:  # plain rounds only descend: the last is the best

@@ -238,8 +238,7 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
 
   paths = [k for k in ("dense0", "dense1", "dense2", "dense3")
            if k in params][:args.layers + 1]
-  names = ["conv", "engine_default"] + (list(variants) if scheme is None
-                                        or trial else ["own"])
+  names = ["conv", "engine_default"] + (list(variants) or ["own"])
   excess = {n: [] for n in names if n != "conv"}
   rounds_needed, losses, check = [], [], 0.0
   before = {p: state.quantized[p]["kernel"].alpha for p in paths}
@@ -266,10 +265,12 @@ def run(bits: int, args, x, y, *, scheme: Optional[int]) -> Dict[str, Any]:
       d64 = np.asarray(d, np.float64)
       e_conv = error(w64, d64, *out["conv"])
       got = new_qts[p]["kernel"]
-      if scheme is not None and not trial:
-        out["own"] = (got.alpha, got.codes)
-      elif scheme is None and not trial:  # the engine's converged one
-        check = max(check, abs(float(got.alpha) / float(out["conv"][0]) - 1))
+      if not trial:  # (BLAQ's q* is not stored: its "own" is a variant)
+        if scheme is not None:
+          out["own"] = (got.alpha, got.codes)
+        else:  # the trajectory's own projection is the converged one
+          check = max(check,
+                      abs(float(got.alpha) / float(out["conv"][0]) - 1))
       for n in excess:
         e = error(w64, d64, *out[n])
         excess[n].append((e - e_conv) / e_conv if e_conv > 0 else 0.0)
