@@ -161,20 +161,23 @@ def extrapolate(alpha, alpha_before):
   return jnp.clip(guess, alpha / 2, 2 * alpha)
 
 
-def fused_sums(terms, axes, lanes: int = 16):
+def fused_sums(terms, axes, block: int = 16):
   """``[sum(t, axes) for t in terms]`` in one pass over their inputs.
 
   For a per-tensor sum of a tensor of rank >= 2 the terms are reduced
   together by one variadic ``lax.reduce``, into which XLA fuses their
   producers (``d * beta * w`` and ``d * beta^2`` are never written to
-  memory). The last axis is split into ``(C / lanes, lanes)`` and the
-  reduction runs over ``C / lanes``, so each row keeps ``lanes`` independent
-  accumulators and no add chain runs over millions of entries (one chain
-  over a whole tensor loses ~1e-3 relative); the partial sums
-  (``1 / (C / lanes)`` of the tensor) are added last. A tensor sharded over
-  several mesh axes is reduced in place: only the partial sums cross devices.
-  A last axis that ``lanes`` does not divide is reduced whole; per-channel
-  sums and vectors use one ``jnp.sum`` per term.
+  memory). The first axis that ``block`` divides (of size ``n > block``)
+  is split into ``(n / block, block)`` and the reduction runs over the
+  ``block`` axis only: each partial sum adds ``block`` entries, so the loop
+  over the partials (``1 / block`` of the tensor) is an elementwise loop that
+  XLA:CPU vectorises and splits over its threads, about 3x faster than a
+  reduction along a long axis (a serial add chain per output). The partials
+  are then added by one ``jnp.sum`` per term. No add chain runs over millions
+  of entries (one such chain loses ~1e-3 relative). A tensor sharded along
+  the split axis keeps its sharding on the ``n / block`` part, so only the
+  partials' sums cross devices. A tensor with no such axis is reduced whole
+  in one pass; per-channel sums and vectors use one ``jnp.sum`` per term.
 
   Example:
     >>> import jax.numpy as jnp
@@ -184,17 +187,23 @@ def fused_sums(terms, axes, lanes: int = 16):
   """
   terms = [jnp.asarray(t, jnp.float32) for t in terms]
   ndim = terms[0].ndim
+  shape = terms[0].shape
   if ndim < 2 or tuple(axes) != tuple(range(ndim)):
     return [jnp.sum(t, axes) for t in terms]
-  shape = terms[0].shape
-  if shape[-1] % lanes == 0 and shape[-1] > lanes:
-    terms = [t.reshape(shape[:-1] + (shape[-1] // lanes, lanes))
-             for t in terms]
+  split = [a for a in range(ndim) if shape[a] % block == 0
+           and shape[a] > block]
+  if split:
+    a = split[0]
+    terms = [t.reshape(shape[:a] + (shape[a] // block, block)
+                       + shape[a + 1:]) for t in terms]
+    reduced = (a + 1,)
+  else:  # small odd shapes: one reduction over everything
+    reduced = tuple(range(ndim))
   zeros = tuple(jnp.zeros([], jnp.float32) for _ in terms)
-  rows = jax.lax.reduce(tuple(terms), zeros,
-                        lambda x, y: tuple(a + c for a, c in zip(x, y)),
-                        (ndim - 1,))
-  return [jnp.sum(r) for r in rows]
+  parts = jax.lax.reduce(tuple(terms), zeros,
+                         lambda x, y: tuple(u + v for u, v in zip(x, y)),
+                         reduced)
+  return [jnp.sum(p) for p in parts]
 
 
 def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
@@ -224,8 +233,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       overrides ``prev_alpha`` as the start.
     eps: a constant added to every weight (LAQ's ``D`` is proportional to
       ``sqrt(v) + eps sqrt(1 - b2^t)``). At 1 bit it enters ``sum(d + eps)``
-      in closed form, so no weight array is formed: each sum is one plain
-      reduction of its inputs.
+      in closed form, so no weight array is formed.
 
   Returns:
     ``(alpha, codes)``: float32 scales of shape ``scale_shape(w.shape, ...)``
@@ -255,17 +263,14 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
 
   no_eps = isinstance(eps, (int, float)) and eps == 0
   if level_set.kind == "blaq" and level_set.bits == 1:
-    # Two plain sums with no shared subexpression (max(w, -w) is |w|; the
-    # constant eps is added in closed form to the second): XLA:CPU reduces
-    # each straight from its inputs, vectorised, and orders it the same with
-    # or without vmap.
+    # One pass over (w, d) (max(w, -w) is |w|); the constant eps is added
+    # to sum(d) in closed form.
     if isinstance(eps, jax.Array):
       # XLA:CPU shares one broadcast of a traced scalar among same-shaped
       # leaves and then writes it out in full for their reductions; tied
       # to this leaf's scale (positive, finite) it stays inside its sum.
       eps = eps + 0 * jnp.max(fallback)
-    s1 = jnp.sum((d + eps) * jnp.maximum(w, -w), axes)
-    s2 = jnp.sum(d, axes)
+    s1, s2 = fused_sums([(d + eps) * jnp.maximum(w, -w), d], axes)
     if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
     return safe_ratio(s1, s2), encode(w, None, level_set)

@@ -295,14 +295,16 @@ def test_trial_rounds_must_be_a_static_positive_int(bad):
 
 
 def test_one_round_forms_both_sums_in_one_pass():
-  """A per-tensor round reads w and d once: about 8 bytes per entry."""
+  """A per-tensor round reads w and d once: 8 bytes per entry, plus its two
+  partial sums (1/16 of the tensor each) written and read back: 9 in all
+  (reading w or d twice would be 12)."""
   ls = LevelSet("blaq", 2)
   w = jnp.ones((1024, 1024))
   compiled = jax.jit(lambda w, d, a: project(
       w, d, ls, prev_alpha=a, tol=None, max_iter=1)[0]).lower(
           w, w, jnp.ones(())).compile()
   per_entry = compiled.cost_analysis()["bytes accessed"] / w.size
-  assert per_entry < 9.0, per_entry
+  assert per_entry < 9.5, per_entry
 
 
 def test_fused_sums_are_accurate_on_millions_of_entries():

@@ -8,13 +8,19 @@ machine they would all take the time of ``one sum``; the ratios show what
 the reduction's code costs instead:
 
 * ``one sum``: ``sum(d w)``, one output (XLA:CPU hands it to YNNPACK).
-* ``1-bit sums``: the 1-bit projection's ``sum((d + e) |w|)`` and ``sum(d)``,
-  two single-output sums (two passes).
+* ``1-bit sums``: the library's 1-bit projection, ``sum((d + e) |w|)`` and
+  ``sum(d)`` by :func:`blaq_jax.projection.fused_sums` (one pass).
+* ``1-bit, two plain sums``: the same as two ``jnp.sum`` (two passes; the
+  library's form before the block partial sums).
 * ``fused, no levels``: :func:`blaq_jax.projection.fused_sums` of ``d w`` and
   ``d``: one variadic (two-output) reduction, no level computation.
 * ``k-bit round``: the library's round at 2 bits: fused sums of
   ``d |beta| |w|`` and ``d |beta|^2``, ``|beta|`` by one comparison
-  (:meth:`blaq_jax.levels.LevelSet.magnitude`).
+  (:meth:`blaq_jax.levels.LevelSet.magnitude`), reduced into partial sums of
+  16 entries each, then summed.
+* ``k-bit round, long reduction``: the same sums reduced along the last axis
+  split into ``(C / 16, 16)`` (16 accumulators per row, each a serial chain
+  of ``C / 16`` adds; the library's form before the block partial sums).
 * ``k-bit round, signed levels``: the same sums as ``d beta w`` and
   ``d beta^2`` with ``beta = nearest(w / alpha)`` (a rounding and a clamp;
   the library's round before it took magnitudes).
@@ -57,18 +63,34 @@ def _round(w, d, alpha):
   return db, beta
 
 
-def _magnitude_round(w, d, alpha):
+def _magnitudes(w, d, alpha):
   m = LEVELS.magnitude(jnp.abs(w / alpha))
   dm = d * m
-  return fused_sums([dm * jnp.abs(w), dm * m], (0, 1))
+  return [dm * jnp.abs(w), dm * m]
+
+
+def _long_sums(terms, lanes=16):
+  """Sums along the last axis split into (C / lanes, lanes), then the rest."""
+  shape = terms[0].shape
+  terms = [t.reshape(shape[:-1] + (shape[-1] // lanes, lanes))
+           for t in terms]
+  rows = jax.lax.reduce(tuple(terms), (jnp.float32(0),) * len(terms),
+                        lambda x, y: tuple(a + c for a, c in zip(x, y)),
+                        (len(shape) - 1,))
+  return [jnp.sum(r) for r in rows]
 
 
 VARIANTS = {
     "one sum": lambda w, d, a, e: [jnp.sum(d * w)],
-    "1-bit sums": lambda w, d, a, e: [jnp.sum((d + e) * jnp.maximum(w, -w)),
-                                      jnp.sum(d)],
+    "1-bit sums": lambda w, d, a, e: fused_sums(
+        [(d + e) * jnp.maximum(w, -w), d], (0, 1)),
+    "1-bit, two plain sums": lambda w, d, a, e: [
+        jnp.sum((d + e) * jnp.maximum(w, -w)), jnp.sum(d)],
     "fused, no levels": lambda w, d, a, e: fused_sums([d * w, d], (0, 1)),
-    "k-bit round": lambda w, d, a, e: _magnitude_round(w, d + e, a),
+    "k-bit round": lambda w, d, a, e: fused_sums(_magnitudes(w, d + e, a),
+                                                 (0, 1)),
+    "k-bit round, long reduction": lambda w, d, a, e: _long_sums(
+        _magnitudes(w, d + e, a)),
     "k-bit round, signed levels": lambda w, d, a, e: (lambda db, b: fused_sums(
         [db * w, db * b], (0, 1)))(*_round(w, d + e, a)),
     "k-bit S1 only": lambda w, d, a, e: (lambda db, b: [jnp.sum(db * w)])(
