@@ -43,7 +43,7 @@ import optax
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
 from blaq_jax.projection import (_alpha_times, dequantize, encode,
-                                 nearest_levels)
+                                 fused_sums, nearest_levels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +201,12 @@ def dot(x, y):
 
 def cosine(xs, ys):
   """Cosine of two lists of arrays seen as one vector (0 if either is 0)."""
-  xy = sum((dot(x, y) for x, y in zip(xs, ys)), jnp.float32(0))
-  nx = sum((dot(x, x) for x in xs), jnp.float32(0))
-  ny = sum((dot(y, y) for y in ys), jnp.float32(0))
+  xy = nx = ny = jnp.float32(0)
+  for x, y in zip(xs, ys):  # the three sums of a pair in one pass over it
+    x = jnp.asarray(x, jnp.float32)
+    y = jnp.asarray(y, jnp.float32)
+    sxy, sxx, syy = fused_sums([x * y, x * x, y * y], tuple(range(x.ndim)))
+    xy, nx, ny = xy + sxy, nx + sxx, ny + syy
   den = jnp.sqrt(nx * ny)
   return jnp.where(den > 0, xy / jnp.where(den > 0, den, 1.0), 0.0)
 

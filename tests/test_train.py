@@ -323,7 +323,16 @@ def test_export_then_eval_from_export_matches_checkpoint(shared_data_dir,
   from_ckpt = train_lib.evaluate_workdir(str(tmp_path), config)
   from_export = train_lib.evaluate_workdir(str(tmp_path), config,
                                            from_export=path)
-  assert from_export == from_ckpt
+  # The export holds q = alpha * Q[codes] exactly; the checkpoint's params are
+  # optax.apply_updates' p + (q - p), an ulp off q where a level changed in
+  # the last step (blaq_jax.export documents the gap), so the losses agree
+  # to float32 rounding, not bit for bit.
+  assert from_export.keys() == from_ckpt.keys()
+  for key, value in from_ckpt.items():
+    if key.endswith("accuracy"):
+      assert from_export[key] == value, key
+    else:
+      np.testing.assert_allclose(from_export[key], value, rtol=1e-6)
   assert from_ckpt["test_accuracy"] == _epochs(tmp_path)[-1]["test_accuracy"]
 
 
