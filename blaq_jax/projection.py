@@ -175,8 +175,8 @@ def fused_sums(terms, axes, block: int = 16):
   reduction along a long axis (a serial add chain per output). The partials
   are then added by one ``jnp.sum`` per term. No add chain runs over millions
   of entries (one such chain loses ~1e-3 relative). A tensor sharded along
-  the split axis keeps its sharding on the ``n / block`` part, so only the
-  partials' sums cross devices. A tensor with no such axis is reduced whole
+  the split axis keeps its sharding on the ``n / block`` part (when the
+  shard count divides it), so only the partials' sums cross devices. A tensor with no such axis is reduced whole
   in one pass; per-channel sums and vectors use one ``jnp.sum`` per term.
 
   Example:

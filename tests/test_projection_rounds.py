@@ -307,6 +307,20 @@ def test_one_round_forms_both_sums_in_one_pass():
   assert per_entry < 9.5, per_entry
 
 
+@pytest.mark.parametrize("shape", [(64, 32), (3, 3, 32, 48), (5, 7), (48,),
+                                   (16, 16)])
+def test_fused_sums_equal_the_sums_for_every_shape(shape):
+  # Split along axis 0, along axis 2 (a conv kernel), no axis 16 divides,
+  # a vector, and axes of exactly 16 (not split).
+  x = np.random.default_rng(8).normal(size=shape).astype(np.float32)
+  got = fused_sums([jnp.asarray(x), jnp.asarray(x) ** 2, jnp.ones(shape)],
+                   tuple(range(len(shape))))
+  ref = [np.sum(x, dtype=np.float64), np.sum(x.astype(np.float64) ** 2),
+         np.prod(shape)]
+  np.testing.assert_allclose([float(g) for g in got], ref, rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_fused_sums_are_accurate_on_millions_of_entries():
   rng = np.random.default_rng(6)
   x = rng.normal(1.0, 1.0, size=(2048, 2048)).astype(np.float32)
