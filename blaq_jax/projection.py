@@ -176,8 +176,9 @@ def fused_sums(terms, axes, block: int = 16):
   are then added by one ``jnp.sum`` per term. No add chain runs over millions
   of entries (one such chain loses ~1e-3 relative). A tensor sharded along
   the split axis keeps its sharding on the ``n / block`` part (when the
-  shard count divides it), so only the partials' sums cross devices. A tensor with no such axis is reduced whole
-  in one pass; per-channel sums and vectors use one ``jnp.sum`` per term.
+  shard count divides it), so only the partials' sums cross devices. A
+  tensor with no such axis is reduced whole in one pass; per-channel sums
+  and vectors use one ``jnp.sum`` per term.
 
   Example:
     >>> import jax.numpy as jnp
@@ -190,10 +191,9 @@ def fused_sums(terms, axes, block: int = 16):
   shape = terms[0].shape
   if ndim < 2 or tuple(axes) != tuple(range(ndim)):
     return [jnp.sum(t, axes) for t in terms]
-  split = [a for a in range(ndim) if shape[a] % block == 0
-           and shape[a] > block]
-  if split:
-    a = split[0]
+  a = next((a for a in range(ndim) if shape[a] % block == 0
+            and shape[a] > block), None)
+  if a is not None:
     terms = [t.reshape(shape[:a] + (shape[a] // block, block)
                        + shape[a + 1:]) for t in terms]
     reduced = (a + 1,)
