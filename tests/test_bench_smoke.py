@@ -1,11 +1,19 @@
 """Tiny-size runs of the benchmark scripts, so that they cannot rot."""
 
+import json
 import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tarfile
 
 import jax
 import pytest
 
 from experiments.bench import common
+from experiments.bench import kernel_trace
 from experiments.bench import memory
 from experiments.bench import projection_error
 from experiments.bench import scaling
@@ -164,3 +172,49 @@ def test_projection_error_blaq_measures_the_trial_point(capsys):
   # Three rounds (one Aitken start) land within float noise of converged.
   assert abs(own["3"]["excess"]["own"]["max"]) < 1e-4
   assert out["results"]["2"]["side"]["excess"]["alpha/3"]["max"] < 1e-4
+
+
+def test_kernel_trace_counts_the_compiled_kernels(capsys):
+  """On a CPU the traced thunks of one step are the compiled step's kernels
+  (no while loop in these steps: each runs once)."""
+  rows = kernel_trace.main(["--params", "tiny", "--bits", "1", "--methods",
+                            "adam,laq,blaq active", "--steps", "2"])
+  assert "kernels per step" in capsys.readouterr().out
+  profile = {r["method"]: r["kernels"] for r in update_cost.main(
+      ["--quick", "--no-timing", "--bits", "1", "--methods",
+       "adam,laq,blaq active"])}
+  assert [r["method"] for r in rows] == ["adam", "laq", "blaq active"]
+  for r in rows:
+    assert r["where"] == "host threads"
+    assert r["kernels"] == profile[r["method"]], r
+    assert r["copies"] == 0 and r["kernel_ms"] > 0
+
+
+def test_kernel_trace_rejects_an_unknown_method():
+  with pytest.raises(ValueError, match="unknown methods \\['lqa'\\]"):
+    kernel_trace.measure("tiny", [1], ["adam", "lqa"])
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+  """The prepared GPU script, at tiny sizes: every part succeeds and
+  leaves its file."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, QUICK="1", PYTHON=sys.executable)
+  done = subprocess.run(
+      ["bash", str(root / "experiments/bench/gpu_check.sh"), str(tmp_path)],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "kernel_trace.json", "log.txt", "traces.tar.gz", "update_cost.json"]
+  log = (tmp_path / "log.txt").read_text()
+  parts = re.findall(r"=== (.+?): rc (\d+) after", log)
+  assert [p for p, _ in parts] == ["environment", "update cost",
+                                   "training step", "kernels per step"]
+  assert all(rc == "0" for _, rc in parts), parts
+  traced = json.loads((tmp_path / "kernel_trace.json").read_text())["rows"]
+  assert {(r["method"], r["bits"]) for r in traced} >= {
+      ("adam", "-"), ("laq", 1), ("laq conv", 2), ("blaq active", 2)}
+  assert all(r["kernels"] > 0 for r in traced)
+  with tarfile.open(tmp_path / "traces.tar.gz") as tar:
+    assert len([n for n in tar.getnames() if n.endswith(".json.gz")]) == len(
+        traced)

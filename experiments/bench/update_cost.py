@@ -188,6 +188,7 @@ def make_runner(opt, kind: str, params, grads, grads2, *, timing=True):
                                            grads, grads2)
     return box["params"]
 
+  runner.compiled = compiled
   return runner, reads + writes, compiled_profile(compiled)
 
 
