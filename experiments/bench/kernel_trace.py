@@ -96,8 +96,9 @@ def summarize(events: Sequence[Dict[str, Any]], *, steps: int,
       longest=[(n, d / steps / 1e3) for n, d in per_name.most_common(top)])
 
 
-def trace_steps(runner, steps: int, folder: str) -> List[Dict[str, Any]]:
-  """The trace events of ``steps`` calls of ``runner`` (after it warmed up)."""
+def trace_steps(runner, steps: int, folder: str) -> str:
+  """Traces ``steps`` calls of ``runner`` (warmed up) into ``folder``;
+  returns the path of the trace (``perfetto_trace.json.gz``)."""
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     for _ in range(steps):
       out = runner()
@@ -106,7 +107,12 @@ def trace_steps(runner, steps: int, folder: str) -> List[Dict[str, Any]]:
                     recursive=True)
   if not found:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {folder}")
-  with gzip.open(sorted(found)[-1]) as f:
+  return sorted(found)[-1]
+
+
+def read_events(path: str) -> List[Dict[str, Any]]:
+  """The ``traceEvents`` of a perfetto JSON trace (gzipped)."""
+  with gzip.open(path) as f:
     data = json.load(f)
   return data["traceEvents"] if isinstance(data, dict) else data
 
@@ -138,14 +144,13 @@ def measure(params_name: str, bits_list: Sequence[int],
         common.block(runner())
       folder = tempfile.mkdtemp(prefix="kernel_trace_")
       try:
-        events = trace_steps(runner, steps, folder)
+        path = trace_steps(runner, steps, folder)
+        events = read_events(path)
         if keep:
-          slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{params_name} {name} {bits}")
-          dest = os.path.join(keep, f"trace_{slug.strip('_')}.json.gz")
+          slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{params_name} {name} "
+                        f"{label[1]}").strip("_")
           os.makedirs(keep, exist_ok=True)
-          shutil.copy(glob.glob(os.path.join(folder, "**",
-                                             "perfetto_trace.json.gz"),
-                                recursive=True)[-1], dest)
+          shutil.copy(path, os.path.join(keep, f"trace_{slug}.json.gz"))
       finally:
         shutil.rmtree(folder, ignore_errors=True)
       names = hlo_names(runner.compiled)
