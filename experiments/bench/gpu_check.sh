@@ -17,8 +17,8 @@
 # on MNIST-shaped random images (--synthetic).
 #
 # Writes into OUTDIR (at most 8 files): log.txt (everything printed, with the
-# devices and versions), update_cost.json (python -m
-# experiments.bench.update_cost --params both --bits 1,2: ratios to Adam,
+# devices and versions), update_cost_{mlp,resnet18}.json (python -m
+# experiments.bench.update_cost --params ... --bits 1,2: ratios to Adam,
 # bytes and kernels per method, the converging `conv` rows with their
 # while_loop), kernel_trace.json (kernels, copies and device-to-host copies
 # per step from a profiler trace) and traces.tar.gz (those traces).
@@ -57,12 +57,15 @@ if [ -n "${QUICK:-}" ]; then
   uc=(--quick --methods adam,laq --rounds 0); kt=(--params tiny --steps 2)
   ts=(--synthetic --hidden 16,16 --repeats 2)
 else
-  uc=(--params both --bits 1,2 --no-bandwidth); kt=(--params mlp --steps 5)
+  uc=(--bits 1,2 --no-bandwidth); kt=(--params mlp --steps 5)
   ts=(--synthetic)
 fi
-# Worst case 40 + 20 + 300 + 90 + 100 s: under 10 minutes.
-part 300 "update cost" "$py" -m experiments.bench.update_cost "${uc[@]}" \
-  --out "$out/update_cost.json"
+# Worst case 40 + 20 + 2 x 160 + 90 + 100 s: under 10 minutes. One
+# parameter set per part, so that a slow compile loses one table, not both.
+for params in mlp resnet18; do
+  part 160 "update cost, $params" "$py" -m experiments.bench.update_cost \
+    --params "$params" "${uc[@]}" --out "$out/update_cost_$params.json"
+done
 part 90 "training step" "$py" -m experiments.bench.train_step --models mlp \
   --methods "grad only,fp,laq,blaq active" --no-diagnostics "${ts[@]}"
 part 100 "kernels per step" "$py" -m experiments.bench.kernel_trace \
