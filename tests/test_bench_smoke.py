@@ -180,13 +180,11 @@ def test_kernel_trace_counts_the_compiled_kernels(capsys):
   rows = kernel_trace.main(["--params", "tiny", "--bits", "1", "--methods",
                             "adam,laq,blaq active", "--steps", "2"])
   assert "kernels per step" in capsys.readouterr().out
-  profile = {r["method"]: r["kernels"] for r in update_cost.main(
-      ["--quick", "--no-timing", "--bits", "1", "--methods",
-       "adam,laq,blaq active"])}
   assert [r["method"] for r in rows] == ["adam", "laq", "blaq active"]
   for r in rows:
     assert r["where"] == "host threads"
-    assert r["kernels"] == profile[r["method"]], r
+    # From the trace and from the compiled HLO text: counted independently.
+    assert r["kernels"] == r["compiled_kernels"] > 0, r
     assert r["copies"] == 0 and r["kernel_ms"] > 0
 
 

@@ -11,8 +11,10 @@ Runs each method's step as :mod:`experiments.bench.update_cost` builds it
 * on a CPU, the thunks XLA:CPU runs whose names are instructions of the
   compiled step (its fusions, reductions, copies and custom calls).
 
-It reports the kernels per step, their summed time (on a CPU the threads'
-times add up) and the longest kernels, and with ``--out`` writes the rows
+It reports the kernels per step beside the compiled step's count
+(:func:`~experiments.bench.update_cost.compiled_profile`: the entry
+computation's, without the kernels a ``while`` loop runs each round), their
+summed time (on a CPU the threads' times add up) and the longest kernels, and with ``--out`` writes the rows
 as JSON and keeps each trace (``perfetto_trace.json.gz``) under the output
 folder. The GPU check (``experiments/bench/gpu_check.sh``) runs it.
 
@@ -138,8 +140,8 @@ def measure(params_name: str, bits_list: Sequence[int],
         continue
       done.add(label)
       factory, kind = specs[name]
-      runner, _, _ = update_cost.make_runner(factory(), kind, params, grads,
-                                             grads2)
+      runner, _, profile = update_cost.make_runner(factory(), kind, params,
+                                                   grads, grads2)
       for _ in range(3):
         common.block(runner())
       folder = tempfile.mkdtemp(prefix="kernel_trace_")
@@ -155,7 +157,8 @@ def measure(params_name: str, bits_list: Sequence[int],
         shutil.rmtree(folder, ignore_errors=True)
       names = hlo_names(runner.compiled)
       rows.append(dict(params=params_name, method=name, bits=label[1],
-                       steps=steps, **summarize(events, steps=steps,
+                       steps=steps, compiled_kernels=profile["kernels"],
+                       **summarize(events, steps=steps,
                                                 names=names)))
   return rows
 
@@ -182,9 +185,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   print(f"machine: {common.machine()}")
   print(f"{args.params}: kernels per step, over {args.steps} traced steps")
   print(common.markdown_table(
-      ["method", "bits", "where", "kernels", "kernel ms", "copies",
-       "device-to-host", "longest"],
-      [[r["method"], r["bits"], r["where"], r["kernels"], r["kernel_ms"],
+      ["method", "bits", "where", "kernels", "compiled kernels", "kernel ms",
+       "copies", "device-to-host", "longest"],
+      [[r["method"], r["bits"], r["where"], r["kernels"],
+        r["compiled_kernels"], r["kernel_ms"],
         r["copies"], r["device_to_host"],
         ", ".join(f"{n} {ms:.3g}" for n, ms in r["longest"][:3])]
        for r in rows]))
