@@ -204,12 +204,12 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "kernel_trace.json", "log.txt", "traces.tar.gz",
-      "update_cost_mlp.json", "update_cost_resnet18.json"]
+      "update_cost_tiny.json"]
   log = (tmp_path / "log.txt").read_text()
   parts = re.findall(r"=== (.+?): rc (\d+) after", log)
   assert [p for p, _ in parts] == [
-      "environment", "update cost, mlp", "update cost, resnet18",
-      "training step", "kernels per step"]
+      "environment", "update cost, tiny", "training step",
+      "kernels per step"]
   assert all(rc == "0" for _, rc in parts), parts
   traced = json.loads((tmp_path / "kernel_trace.json").read_text())["rows"]
   assert {(r["method"], r["bits"]) for r in traced} >= {

@@ -54,15 +54,15 @@ print('devices', jax.devices())"
 command -v nvidia-smi >/dev/null && part 20 nvidia-smi nvidia-smi -L
 
 if [ -n "${QUICK:-}" ]; then
-  uc=(--quick --methods adam,laq --rounds 0); kt=(--params tiny --steps 2)
-  ts=(--synthetic --hidden 16,16 --repeats 2)
+  sets=(tiny); uc=(--quick --methods adam,laq --rounds 0)
+  kt=(--params tiny --steps 2); ts=(--synthetic --hidden 16,16 --repeats 2)
 else
-  uc=(--bits 1,2 --no-bandwidth); kt=(--params mlp --steps 5)
-  ts=(--synthetic)
+  sets=(mlp resnet18); uc=(--bits 1,2 --no-bandwidth)
+  kt=(--params mlp --steps 5); ts=(--synthetic)
 fi
 # Worst case 40 + 20 + 2 x 160 + 90 + 100 s: under 10 minutes. One
 # parameter set per part, so that a slow compile loses one table, not both.
-for params in mlp resnet18; do
+for params in "${sets[@]}"; do
   part 160 "update cost, $params" "$py" -m experiments.bench.update_cost \
     --params "$params" "${uc[@]}" --out "$out/update_cost_$params.json"
 done
