@@ -342,6 +342,24 @@ def mlp_problem(seed=0, dtype=jnp.float32, batch_norm=False):
   return params, loss, (x, y)
 
 
+def train_mlp(opt, steps: int):
+  """``steps`` jitted ``update`` calls of ``opt`` on :func:`mlp_problem`
+  from the level set; ``update`` gets ``loss_fn`` (FOGZO and n-SPSA need
+  it, the others ignore it). Returns ``(params, state)``."""
+  params, loss, _ = mlp_problem()
+  state = opt.init(params)
+  params = blaq_jax.quantized_params(params, state)
+
+  @jax.jit
+  def step(p, s):
+    return opt.update(jax.grad(loss)(p), s, p, loss_fn=loss)
+
+  for _ in range(steps):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
 def classifier(n=64, seed=0, dtype=jnp.float32):
   """A one-hidden-layer net with the paper's L2-SVM (squared hinge) loss.
 

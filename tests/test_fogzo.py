@@ -12,25 +12,9 @@ import pytest
 import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
-from problems import mlp_problem
+from problems import mlp_problem, train_mlp
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
-
-
-def train(opt, steps=5, seed=0, jit=True, params=None):
-  p0, loss, _ = mlp_problem(seed)
-  params = p0 if params is None else params
-  state = opt.init(params)
-  params = blaq_jax.quantized_params(params, state)
-
-  def step(p, s):
-    return opt.update(jax.grad(loss)(p), s, p, loss_fn=loss)
-
-  step = jax.jit(step) if jit else step
-  for _ in range(steps):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-  return params, state
 
 
 # --- the estimator ---------------------------------------------------------------
@@ -157,21 +141,21 @@ def test_beta_one_reproduces_the_ste_direction(config):
 
 def test_beta_zero_equals_n_spsa_for_the_same_seed():
   kw = dict(n=3, seed=7, quantizer="uniform", bits=2, surrogate="identity")
-  p1, s1 = train(blaq_jax.fogzo(0.02, beta=0.0, **kw), steps=3)
-  p2, s2 = train(blaq_jax.n_spsa(0.02, **kw), steps=3)
+  p1, s1 = train_mlp(blaq_jax.fogzo(0.02, beta=0.0, **kw), steps=3)
+  p2, s2 = train_mlp(blaq_jax.n_spsa(0.02, **kw), steps=3)
   chex.assert_trees_all_equal(p1, p2)
   chex.assert_trees_all_equal(s1, s2)
   assert float(optax.tree.get(s2, "beta")) == 0.0 and bool(optax.tree.get(s2, "active"))
 
 
 def test_key_in_state_makes_runs_reproducible():
-  p1, s1 = train(blaq_jax.fogzo(0.05, beta_min=0.5, seed=1), steps=3)
-  p2, s2 = train(blaq_jax.fogzo(0.05, beta_min=0.5, seed=1), steps=3)
-  p3, _ = train(blaq_jax.fogzo(0.05, beta_min=0.5, seed=2), steps=3)
+  p1, s1 = train_mlp(blaq_jax.fogzo(0.05, beta_min=0.5, seed=1), steps=3)
+  p2, s2 = train_mlp(blaq_jax.fogzo(0.05, beta_min=0.5, seed=1), steps=3)
+  p3, _ = train_mlp(blaq_jax.fogzo(0.05, beta_min=0.5, seed=2), steps=3)
   chex.assert_trees_all_equal(p1, p2)
   chex.assert_trees_all_equal(optax.tree.get(s1, "key"), optax.tree.get(s2, "key"))
   lat = lambda s: blaq_jax.latent_params(s)["l1"]["kernel"]  # noqa: E731
-  _, s3 = train(blaq_jax.fogzo(0.05, beta_min=0.5, seed=2), steps=3)
+  _, s3 = train_mlp(blaq_jax.fogzo(0.05, beta_min=0.5, seed=2), steps=3)
   assert not np.allclose(lat(s1), lat(s3))
   del p3
 
@@ -212,9 +196,9 @@ def test_active_schedule_runs_fogzo_on_a_fraction_of_the_steps():
 
 def test_never_active_fogzo_is_ste():
   kw = dict(quantizer="ternary", scale="twn")
-  p_ste, s_ste = train(blaq_jax.ste(0.05, **kw), steps=3)
+  p_ste, s_ste = train_mlp(blaq_jax.ste(0.05, **kw), steps=3)
   for active in (lambda s: False, lambda s: s < 0):  # static, traced
-    p, s = train(blaq_jax.fogzo(0.05, active=active, **kw), steps=3)
+    p, s = train_mlp(blaq_jax.fogzo(0.05, active=active, **kw), steps=3)
     chex.assert_trees_all_close(p, p_ste, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(s.latent, s_ste.latent, rtol=1e-6, atol=1e-7)
 

@@ -13,7 +13,7 @@ import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
 from blaq_jax.ste import guarded_adam
-from problems import mlp_problem
+from problems import mlp_problem, train_mlp
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
 
@@ -50,21 +50,6 @@ def np_quantize(w, values, scale, beta0=None):
       break
     alpha_old = alpha
   return alpha, beta
-
-
-def train(opt, steps=6, seed=0, jit=True):
-  params, loss, _ = mlp_problem(seed)
-  state = opt.init(params)
-  params = blaq_jax.quantized_params(params, state)
-
-  def step(p, s):
-    return opt.update(jax.grad(loss)(p), s, p, loss_fn=loss)
-
-  step = jax.jit(step) if jit else step
-  for _ in range(steps):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-  return params, state
 
 
 METHODS = {
@@ -267,7 +252,7 @@ def test_per_leaf_bits_default_selection_and_accessors():
                              blaq_jax.default_quantize(path, leaf)
                              else blaq_jax.default_quantize(path, leaf))
   opt = blaq_jax.twn(0.01, quantize=rule)
-  _, state = train(opt, steps=2)
+  _, state = train_mlp(opt, steps=2)
   qt = blaq_jax.quantized_tensors(state)
   assert qt["l1"]["kernel"].level_set == LevelSet("linear", 8)
   assert qt["l2"]["kernel"].level_set == LevelSet("linear", 2)
@@ -286,7 +271,7 @@ def test_per_leaf_bits_default_selection_and_accessors():
 
 
 def test_binary_connect_clips_the_latent_weights():
-  _, state = train(blaq_jax.binary_connect(0.5), steps=5)
+  _, state = train_mlp(blaq_jax.binary_connect(0.5), steps=5)
   latent = blaq_jax.latent_params(state)
   for layer in ("l1", "l2"):
     w = np.asarray(latent[layer]["kernel"])
@@ -318,7 +303,7 @@ def test_inject_hyperparams_gives_identical_updates():
 def test_chain_with_optax_wrappers():
   opt = optax.chain(optax.clip_by_global_norm(0.1),
                     blaq_jax.bwn(0.05, diagnostics=True))
-  params, state = train(opt, steps=4)
+  params, state = train_mlp(opt, steps=4)
   qt = blaq_jax.quantized_tensors(state)["l1"]["kernel"]
   np.testing.assert_allclose(params["l1"]["kernel"], qt.dequantize(),
                              rtol=0, atol=1e-6)
