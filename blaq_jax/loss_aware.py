@@ -82,6 +82,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           blend="moments", moments="real", opaque=True, keep_trial=False,
           trial_rounds=None):
   """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ."""
+  # A static a = 1 gives g* no weight in these readings: every step is LAQ's,
+  # so no trial is traced (as on inactive steps) and no gradient is wasted.
+  a_is_one = (blend != "gradients" and isinstance(a, (int, float, np.number))
+              and not isinstance(a, (bool, np.bool_)) and a == 1)
 
   def init(params, quantized):
     leaves, treedef = jax.tree.flatten(params)
@@ -259,7 +263,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     if not trial:
       w, den, mu_nu, _, _, stats = laq_step(ctx.grads)
       return result(w, stored_den(den), mu_nu, state.trial, True, stats)
-    on = engine.is_active(active, ctx.count)
+    on = False if a_is_one else engine.is_active(active, ctx.count)
     if opaque:
       return result(*engine.select(on, algorithm_1, laq_step, ctx.grads),
                     gradients=1 + jnp.asarray(on, jnp.int32))
@@ -408,7 +412,7 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
   best on real networks (the paired-seed regime map,
   ``experiments/README.md``). With ``a = 1`` (``"moments"``,
   ``"lookahead"``), or on steps where ``active`` is false, the update is
-  exactly :func:`laq`'s. Theorem 2 of the paper: BLAQ converges faster than
+  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient. Theorem 2 of the paper: BLAQ converges faster than
   LAQ for ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
 
   Args:

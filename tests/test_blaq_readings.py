@@ -116,6 +116,32 @@ def test_a_one_is_laq_bit_for_bit(blend):
                               blaq_jax.latent_params(s_blaq))
 
 
+@pytest.mark.parametrize("blend", ["moments", "lookahead"])
+def test_a_constant_one_takes_no_trial_gradient(blend):
+  w0, h, c = problem()
+  calls = []
+  loss = lambda p: 0.5 * jnp.sum(h * (p["kernel"] - c) ** 2)  # noqa: E731
+  opt = blaq_jax.blaq(LR, a=1.0, blend=blend)
+  params = {"kernel": jnp.asarray(w0, jnp.float32)}
+  state = opt.init(params)
+  _, state = opt.update(jax.grad(loss)(params), state, params,
+                        grad_fn=lambda p: calls.append(1) or jax.grad(loss)(p))
+  assert not calls
+  assert int(blaq_jax.step_cost(state).gradient_evaluations) == 1
+
+
+@pytest.mark.parametrize("blend", ["moments", "lookahead"])
+def test_a_schedule_at_one_runs_the_trial_and_reduces_to_laq(blend):
+  """The backtrack's formulas at a = 1 (a schedule: the trial is traced)."""
+  w0, h, c = problem()
+  _, s_laq = run(blaq_jax.laq(LR), w0, h, c, 5)
+  _, s_blaq = run(blaq_jax.blaq(LR, a=lambda count: 1.0, blend=blend),
+                  w0, h, c, 5)
+  assert int(blaq_jax.step_cost(s_blaq).gradient_evaluations) == 2
+  chex.assert_trees_all_close(blaq_jax.latent_params(s_laq),
+                              blaq_jax.latent_params(s_blaq), rtol=1e-6)
+
+
 def test_a_one_gradients_reading_is_laq_without_momentum():
   w0, h, c = problem()
   _, s_blaq = run(blaq_jax.blaq(LR, a=1.0, blend="gradients"), w0, h, c, 1)
