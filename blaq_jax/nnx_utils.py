@@ -51,8 +51,8 @@ def nnx_loss_fn(model: nnx.Module, loss_fn: Callable[..., Any], *args,
       other parameters; any update of it there is discarded).
     loss_fn: ``loss_fn(model, *args, **kwargs) -> scalar`` (or
       ``(scalar, aux)`` with ``has_aux=True``; aux is dropped).
-    \*args: the minibatch and anything else ``loss_fn`` takes.
-    \*\*kwargs: keyword arguments of ``loss_fn``.
+    \\*args: the minibatch and anything else ``loss_fn`` takes.
+    \\*\\*kwargs: keyword arguments of ``loss_fn``.
     wrt: the filter of the optimized variables, as given to
       ``nnx.Optimizer(..., wrt=...)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
