@@ -1,12 +1,15 @@
 """blaq_jax: loss-aware low-bit weight quantization (LAQ, BLAQ) for Optax.
 
 The model computes with quantized weights ``q = alpha * beta``; the
-transforms keep the latent full-precision weights, moments and codes in their
-state and emit ``updates`` that land the params on the level set.
+transforms keep the latent full-precision weights, the moments and the scales
+in their state (the codes follow from the latent weights) and emit
+``updates`` that land the params on the level set.
 
 Example:
-  >>> import jax, jax.numpy as jnp, optax, blaq_jax
-  >>> opt = optax.chain(optax.clip_by_global_norm(1.0), blaq_jax.blaq(1e-3))
+  >>> import optax, blaq_jax
+  >>> # Clipping given as preprocess reaches BLAQ's trial gradient too (a
+  >>> # clip chained before blaq would clip the main gradient only).
+  >>> opt = blaq_jax.blaq(1e-3, preprocess=optax.clip_by_global_norm(1.0))
 """
 
 from blaq_jax import methods

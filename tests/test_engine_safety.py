@@ -104,14 +104,14 @@ def test_preprocess_reaches_the_trial_gradient():
   big = lambda p: jax.tree.map(lambda x: 1e4 * x, jax.grad(loss)(p))  # noqa
   updates, state = opt.update(big(params), state, params, grad_fn=big)
   trial = optax.tree.get(state, "trial_grad")
-  norm = optax.global_norm(jax.tree.map(
+  norm = optax.tree.norm(jax.tree.map(
       lambda x: jnp.zeros(()) if isinstance(x, optax.MaskedNode) else x,
       trial, is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
   assert float(norm) <= clip * (1 + 1e-5)
   assert float(norm) > 0
   # the moments saw the clipped main gradient: |m| <= (1 - b1) clip
   mu = optax.tree.get(state, "mu")
-  assert float(optax.global_norm(mu)) <= 0.1 * clip * (1 + 1e-5)
+  assert float(optax.tree.norm(mu)) <= 0.1 * clip * (1 + 1e-5)
 
 
 def test_diagnostics_are_opt_in():
