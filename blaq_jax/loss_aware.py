@@ -412,8 +412,9 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
   best on real networks (the paired-seed regime map,
   ``experiments/README.md``). With ``a = 1`` (``"moments"``,
   ``"lookahead"``), or on steps where ``active`` is false, the update is
-  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient. Theorem 2 of the paper: BLAQ converges faster than
-  LAQ for ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
+  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient.
+  Theorem 2 of the paper: BLAQ converges faster than LAQ for
+  ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
 
   Args:
     learning_rate: float or Optax schedule.
