@@ -212,6 +212,20 @@ def test_blaq_with_a_equal_one_is_exactly_laq(bits, jit):
                               blaq_jax.latent_params(s_blaq))
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("blend", ["moments", "lookahead"])
+def test_blaq_backtrack_at_a_one_is_laq_op_by_op(bits, blend):
+  # An a schedule at 1 runs the trial and the backtrack; run op by op (no
+  # jit, so nothing is fused) their blended step is LAQ's bit for bit.
+  p_laq, s_laq = run(blaq_jax.laq(0.01, bits=bits), steps=4, jit=False)
+  p_blaq, s_blaq = run(blaq_jax.blaq(0.01, bits=bits, a=lambda count: 1.0,
+                                     blend=blend), steps=4, jit=False)
+  assert int(blaq_jax.step_cost(s_blaq).gradient_evaluations) == 2
+  chex.assert_trees_all_equal(p_laq, p_blaq)
+  chex.assert_trees_all_equal(blaq_jax.latent_params(s_laq),
+                              blaq_jax.latent_params(s_blaq))
+
+
 def test_blaq_never_active_is_exactly_laq_and_traces_no_trial():
   calls = []
 
