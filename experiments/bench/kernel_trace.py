@@ -14,9 +14,10 @@ Runs each method's step as :mod:`experiments.bench.update_cost` builds it
 It reports the kernels per step beside the compiled step's count
 (:func:`~experiments.bench.update_cost.compiled_profile`: the entry
 computation's, without the kernels a ``while`` loop runs each round), their
-summed time (on a CPU the threads' times add up) and the longest kernels, and with ``--out`` writes the rows
-as JSON and keeps each trace (``perfetto_trace.json.gz``) under the output
-folder. The GPU check (``experiments/bench/gpu_check.sh``) runs it.
+summed time (on a CPU the threads' times add up) and the longest kernels,
+and with ``--out`` writes the rows as JSON and keeps each trace
+(``perfetto_trace.json.gz``) under the output folder. The GPU check
+(``experiments/bench/gpu_check.sh``) runs it.
 
 Usage::
 
@@ -158,8 +159,7 @@ def measure(params_name: str, bits_list: Sequence[int],
       names = hlo_names(runner.compiled)
       rows.append(dict(params=params_name, method=name, bits=label[1],
                        steps=steps, compiled_kernels=profile["kernels"],
-                       **summarize(events, steps=steps,
-                                                names=names)))
+                       **summarize(events, steps=steps, names=names)))
   return rows
 
 
