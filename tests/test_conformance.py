@@ -423,7 +423,13 @@ def test_state_follows_the_params_sharding(method):
 # --- with and without jit (chex variants) ----------------------------------
 
 class InitVariantsTest(chex.TestCase):
-  """``init`` gives the same state with and without ``jit``."""
+  """``init`` gives the same state with and without ``jit``.
+
+  To float rounding, as ``update`` below: the compiled ``init`` may sum a
+  projection's terms in another order (on an AVX2 host the 2-bit STE's
+  converged scale came out one ulp apart). The structure, dtypes, codes
+  and counts are compared exactly.
+  """
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters((m.id, m) for m in METHODS)
@@ -431,7 +437,13 @@ class InitVariantsTest(chex.TestCase):
     params = problems.classifier(n=64)[0]
     opt = method.make(LR)
     state = self.variant(opt.init)(params)
-    chex.assert_trees_all_equal(state, reference(method.id).states[0])
+    expected = reference(method.id).states[0]
+    chex.assert_trees_all_equal_structs(state, expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, expected)
+    chex.assert_trees_all_close(state, expected, **TOL)
+    exact = lambda t: [x for x in jax.tree.leaves(t)  # noqa: E731
+                       if not jnp.issubdtype(x.dtype, jnp.floating)]
+    chex.assert_trees_all_equal(exact(state), exact(expected))
 
 
 @each_method
