@@ -60,11 +60,16 @@ def test_fresh_machine_commands_match_ci():
   bash = _blocks("bash")
   test_cmd = next(b for b in bash if "pytest" in b).strip()
   assert test_cmd == ("python3 -m venv .venv && .venv/bin/pip install -e "
-                      "'.[test]' && .venv/bin/python -m pytest -q")
+                      "'.[test]' && .venv/bin/python -m pytest -q -n 2")
   ci = (REPO / ".ci" / "run").read_text()  # the same steps, quieter pip
   for step in ("python3 -m venv .venv", ".venv/bin/pip install -q -e '.[test]'",
-               ".venv/bin/python -m pytest -q"):
+               ".venv/bin/python -m pytest -q -n 2\n"):
     assert step in ci
+  # `-n 2` needs pytest-xdist, from the extra the command installs.
+  import tomllib  # pylint: disable=g-import-not-at-top
+  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]
+  assert any(d.startswith("pytest-xdist") for d in extras["test"])
   main_cmd = next(b for b in bash if "experiments.compare" in b).strip()
   assert main_cmd.startswith("python3 -m venv .venv && .venv/bin/pip install "
                              "-e '.[experiments]' && ")
