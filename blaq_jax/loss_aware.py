@@ -265,7 +265,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return result(w, stored_den(den), mu_nu, state.trial, True, stats)
     on = False if a_is_one else engine.is_active(active, ctx.count)
     if opaque:
-      return result(*engine.select(on, algorithm_1, laq_step, ctx.grads),
+      w, weight, *rest = engine.select(on, algorithm_1, laq_step, ctx.grads)
+      if on is True:  # D_bar is blended inside the real projection's sums
+        weight = [(*d, 8) for d in weight]
+      return result(w, weight, *rest,
                     gradients=1 + jnp.asarray(on, jnp.int32))
 
     # Transparent mode: an active step takes two calls. The first moves the
@@ -300,8 +303,14 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
 
 def _project(w, d, level_set, prev, **options):
   """``proj_D`` (Algorithm 2), warm-started from the previous codes; ``d`` is
-  a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``."""
+  a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``, or ``(x, e,
+  r, sum_block)`` where ``x`` is a blend of two arrays formed inside the
+  sums (BLAQ's active ``D_bar``, statically active steps only: a ``cond``
+  writes its outputs, so ``x`` is one array there); see
+  :func:`~blaq_jax.projection.project`'s ``sum_block``."""
   x, e = (jnp.ones_like(w), 0.0) if d is None else d[:2]
+  if d is not None and len(d) > 3:
+    options["sum_block"] = d[3]
   alpha, _ = project(w, x, level_set, eps=e,
                      prev_codes=None if prev is None else prev.codes,
                      prev_alpha=None if prev is None else prev.alpha,

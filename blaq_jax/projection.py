@@ -208,7 +208,8 @@ def fused_sums(terms, axes, block: int = 16):
 
 def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
             prev_codes=None, prev_alpha=None, tol: Optional[float] = 1e-6,
-            max_iter: int = 20, start_alpha=None, eps=0.0):
+            max_iter: int = 20, start_alpha=None, eps=0.0,
+            sum_block: int = 16):
   """Projects ``w`` onto the scaled level set, weighting errors by ``d + eps``.
 
   Args:
@@ -234,6 +235,12 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     eps: a constant added to every weight (LAQ's ``D`` is proportional to
       ``sqrt(v) + eps sqrt(1 - b2^t)``). At 1 bit it enters ``sum(d + eps)``
       in closed form, so no weight array is formed.
+    sum_block: the ``block`` of the sums' :func:`fused_sums`. Where ``d`` is
+      formed inside the sums from two arrays (BLAQ's ``D_bar``), 8: each
+      input of the fused reduction is ``block`` memory streams a row apart,
+      and on an AMD EPYC host three inputs in blocks of 16 (48 streams) ran
+      4.5-5.7x slower than in blocks of 8 (``experiments/bench/README.md``,
+      "The weight blended inside the sums").
 
   Returns:
     ``(alpha, codes)``: float32 scales of shape ``scale_shape(w.shape, ...)``
@@ -270,7 +277,8 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       # leaves and then writes it out in full for their reductions; tied
       # to this leaf's scale (positive, finite) it stays inside its sum.
       eps = eps + 0 * jnp.max(fallback)
-    s1, s2 = fused_sums([(d + eps) * jnp.maximum(w, -w), d], axes)
+    s1, s2 = fused_sums([(d + eps) * jnp.maximum(w, -w), d], axes,
+                        sum_block)
     if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
     return safe_ratio(s1, s2), encode(w, None, level_set)
@@ -282,7 +290,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   # and |beta| of one threshold is a comparison (LevelSet.magnitude).
   def sums(m):  # S1 = sum(d |beta| |w|), S2 = sum(d |beta|^2), one pass
     dm = d * m
-    return fused_sums([dm * jnp.abs(w), dm * m], axes)
+    return fused_sums([dm * jnp.abs(w), dm * m], axes, sum_block)
 
   def round_sums(alpha):
     return sums(level_set.magnitude(
@@ -301,7 +309,8 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   if prev_codes is not None:  # signed: the last codes' signs may differ
     beta0 = level_set.decode(prev_codes)
     db = d * beta0
-    alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes))
+    alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes,
+                                    sum_block))
   else:
     wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
     alpha0 = safe_ratio(*sums(level_set.magnitude(

@@ -17,21 +17,25 @@ rounds (:func:`experiments.bench.common.time_interleaved`):
   read from one array (2 inputs) or blended from two (3 inputs, as BLAQ's
   real projection), per block;
 * *update*: each method's whole update (:mod:`experiments.bench.update_cost`'s
-  step: donated, carried, warm), compiled once per block, against Adam's.
+  step: donated, carried, warm), compiled once per block, against Adam's;
+  ``lib`` keeps the library's choice (blocks of 8 for BLAQ's real
+  projection on an active step, 16 elsewhere), a number forces that block
+  on every sum.
 
 Usage::
 
   python -m experiments.bench.sum_block --params mlp --bits 1,2 \\
-      --blocks 16,8
+      --blocks lib,16,8
 
 Example:
   >>> import contextlib, io
   >>> from experiments.bench.sum_block import main
   >>> with contextlib.redirect_stdout(io.StringIO()):
   ...   rows = main(["--params", "tiny", "--bits", "1", "--methods", "laq",
-  ...                "--blocks", "16,8", "--repeats", "2", "--leaves", "64,32"])
-  >>> sorted({(r["table"], r["block"]) for r in rows})
-  [('leaf', 8), ('leaf', 16), ('update', 8), ('update', 16)]
+  ...                "--blocks", "lib,8", "--repeats", "2", "--leaves",
+  ...                "64,32"])
+  >>> sorted({(r["table"], str(r["block"])) for r in rows})
+  [('leaf', '8'), ('update', '8'), ('update', 'lib')]
 """
 
 from __future__ import annotations
@@ -52,11 +56,14 @@ LEVELS = LevelSet("blaq", 2)
 
 
 @contextlib.contextmanager
-def sum_block(block: int) -> Iterator[None]:
-  """Within the block, :mod:`blaq_jax.projection` sums with ``block``
-  (for tracing; a compiled step keeps the block it was traced with)."""
+def sum_block(block: Optional[int]) -> Iterator[None]:
+  """Within the block, every sum of :mod:`blaq_jax.projection` uses
+  ``block`` whatever its caller asks (None: the library's own choice); for
+  tracing, a compiled step keeps the block it was traced with."""
   original = projection.fused_sums
-  projection.fused_sums = functools.partial(original, block=block)
+  if block is not None:
+    projection.fused_sums = lambda terms, axes, _=None: original(
+        terms, axes, block)
   try:
     yield
   finally:
@@ -72,7 +79,9 @@ def _leaf_round(w, d, d2, alpha, inputs, block):
 
 def measure_leaf(shape: Sequence[int], blocks: Sequence[int],
                  repeats: int) -> List[Dict[str, Any]]:
-  """One round's sums on a ``shape`` leaf, per input count and block."""
+  """One round's sums on a ``shape`` leaf, per input count and block
+  (numbers only)."""
+  blocks = [b for b in blocks if b is not None]
   key = jax.random.PRNGKey(0)
   w = jax.random.normal(key, shape, jnp.float32)
   d, d2 = (jnp.abs(jax.random.normal(jax.random.fold_in(key, i), shape))
@@ -93,7 +102,7 @@ def measure_leaf(shape: Sequence[int], blocks: Sequence[int],
 
 
 def measure_update(params_name: str, bits_list: Sequence[int],
-                   methods: Sequence[str], blocks: Sequence[int],
+                   methods: Sequence[str], blocks: Sequence[Optional[int]],
                    repeats: int) -> List[Dict[str, Any]]:
   """Each method's update compiled per block, timed with Adam's."""
   params = common.PARAM_SETS[params_name]()
@@ -119,7 +128,8 @@ def measure_update(params_name: str, bits_list: Sequence[int],
   for key, (name, bits, block) in labels.items():
     t = common.median(samples[key])
     rows.append(dict(table="update", params=params_name, method=name,
-                     bits=bits, block=block, ms=1e3 * t, x_adam=t / adam,
+                     bits=bits, block="lib" if block is None else block,
+                     ms=1e3 * t, x_adam=t / adam,
                      ratio=t / common.median(samples[(name, bits,
                                                       blocks[0])])))
   return rows, 1e3 * adam
@@ -131,14 +141,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                  choices=["resnet18", "mlp", "both", "tiny"])
   p.add_argument("--bits", default="1,2")
   p.add_argument("--methods", default="laq,blaq active,ste,bc")
-  p.add_argument("--blocks", default="16,8",
-                 help="blocks to compare; ratios are to the first")
+  p.add_argument("--blocks", default="lib,16,8",
+                 help="blocks to compare (lib: the library's choice); "
+                 "ratios are to the first")
   p.add_argument("--leaves", default="2048,2048;784,2048;3,3,512,512",
                  help="leaf shapes of the leaf table, ';'-separated "
                  "(empty: no leaf table)")
   p.add_argument("--repeats", type=int, default=15)
   args = p.parse_args(argv)
-  blocks = [int(b) for b in args.blocks.split(",")]
+  blocks = [None if b == "lib" else int(b) for b in args.blocks.split(",")]
   bits_list = [int(b) for b in args.bits.split(",")]
   methods = args.methods.split(",")
   print(f"machine: {common.machine()}")
@@ -147,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     shape = tuple(int(x) for x in leaf.split(","))
     r = measure_leaf(shape, blocks, args.repeats)
     print(f"\nleaf {shape}: one round's two sums, median of {args.repeats} "
-          f"interleaved rounds; x: time over block {blocks[0]}'s")
+          f"interleaved rounds; x: time over block {r[0]['block']}'s")
     print(common.markdown_table(
         ["inputs", "block", "ms", "x"],
         [[x["inputs"], x["block"], x["ms"], x["ratio"]] for x in r]))
@@ -157,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     r, adam_ms = measure_update(name, bits_list, methods, blocks,
                                 args.repeats)
     print(f"\n{name}: update, median of {args.repeats} interleaved rounds; "
-          f"adam {adam_ms:.3g} ms; x: time over block {blocks[0]}'s")
+          f"adam {adam_ms:.3g} ms; x: time over block {r[0]['block']}'s")
     print(common.markdown_table(
         ["method", "bits", "block", "ms", "x adam", "x"],
         [[x["method"], x["bits"], x["block"], x["ms"], x["x_adam"],
