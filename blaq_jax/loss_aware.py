@@ -18,7 +18,7 @@ import optax
 from blaq_jax import engine
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
-from blaq_jax.projection import project
+from blaq_jax.projection import BLENDED_SUM_BLOCK, project
 from blaq_jax.state import _find, cosine, fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -267,7 +267,7 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     if opaque:
       w, weight, *rest = engine.select(on, algorithm_1, laq_step, ctx.grads)
       if on is True:  # D_bar is blended inside the real projection's sums
-        weight = [(*d, 8) for d in weight]
+        weight = [(*d, BLENDED_SUM_BLOCK) for d in weight]
       return result(w, weight, *rest,
                     gradients=1 + jnp.asarray(on, jnp.int32))
 

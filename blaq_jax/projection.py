@@ -63,6 +63,11 @@ import numpy as np
 
 from blaq_jax.levels import LevelSet, gaussian_scale
 
+# The block of fused_sums' partial sums, and the block for a weight blended
+# from two arrays inside the sums (three inputs: see project's sum_block).
+SUM_BLOCK = 16
+BLENDED_SUM_BLOCK = 8
+
 
 def _reduce_axes(ndim: int, channel_axis: Optional[int]):
   if channel_axis is None or ndim == 0:
@@ -161,7 +166,7 @@ def extrapolate(alpha, alpha_before):
   return jnp.clip(guess, alpha / 2, 2 * alpha)
 
 
-def fused_sums(terms, axes, block: int = 16):
+def fused_sums(terms, axes, block: int = SUM_BLOCK):
   """``[sum(t, axes) for t in terms]`` in one pass over their inputs.
 
   For a per-tensor sum of a tensor of rank >= 2 the terms are reduced
@@ -209,7 +214,7 @@ def fused_sums(terms, axes, block: int = 16):
 def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
             prev_codes=None, prev_alpha=None, tol: Optional[float] = 1e-6,
             max_iter: int = 20, start_alpha=None, eps=0.0,
-            sum_block: int = 16):
+            sum_block: int = SUM_BLOCK):
   """Projects ``w`` onto the scaled level set, weighting errors by ``d + eps``.
 
   Args:
@@ -236,9 +241,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       ``sqrt(v) + eps sqrt(1 - b2^t)``). At 1 bit it enters ``sum(d + eps)``
       in closed form, so no weight array is formed.
     sum_block: the ``block`` of the sums' :func:`fused_sums`. Where ``d`` is
-      formed inside the sums from two arrays (BLAQ's ``D_bar``), 8: each
-      input of the fused reduction is ``block`` memory streams a row apart,
-      and on an AMD EPYC host three inputs in blocks of 16 (48 streams) ran
+      formed inside the sums from two arrays (BLAQ's ``D_bar``),
+      ``BLENDED_SUM_BLOCK`` (8) rather than ``SUM_BLOCK`` (16): each input
+      of the fused reduction is ``block`` memory streams a row apart, and on
+      an AMD EPYC host three inputs in blocks of 16 (48 streams) ran
       4.5-5.7x slower than in blocks of 8 (``experiments/bench/README.md``,
       "The weight blended inside the sums").
 
