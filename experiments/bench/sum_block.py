@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -103,12 +103,13 @@ def measure_leaf(shape: Sequence[int], blocks: Sequence[int],
 
 def measure_update(params_name: str, bits_list: Sequence[int],
                    methods: Sequence[str], blocks: Sequence[Optional[int]],
-                   repeats: int) -> List[Dict[str, Any]]:
-  """Each method's update compiled per block, timed with Adam's."""
+                   repeats: int) -> Tuple[List[Dict[str, Any]], float]:
+  """Each method's update compiled per block, timed with Adam's; the rows
+  and Adam's ms."""
   params = common.PARAM_SETS[params_name]()
   grads = common.gradient_like(params, seed=1)
   grads2 = common.gradient_like(params, seed=2)
-  runners, labels = {}, {}
+  runners = {}
   factory, kind = update_cost.method_specs(1)["adam"]
   runners["adam"] = update_cost.make_runner(factory(), kind, params, grads,
                                             grads2)[0]
@@ -121,12 +122,11 @@ def measure_update(params_name: str, bits_list: Sequence[int],
           runner = update_cost.make_runner(factory(), kind, params, grads,
                                            grads2)[0]
         runners[(name, bits, block)] = runner
-        labels[(name, bits, block)] = (name, bits, block)
   samples = common.time_interleaved(runners, repeats=repeats)
-  adam = common.median(samples["adam"])
+  adam = common.median(samples.pop("adam"))
   rows = []
-  for key, (name, bits, block) in labels.items():
-    t = common.median(samples[key])
+  for (name, bits, block), s in samples.items():
+    t = common.median(s)
     rows.append(dict(table="update", params=params_name, method=name,
                      bits=bits, block="lib" if block is None else block,
                      ms=1e3 * t, x_adam=t / adam,
