@@ -8,6 +8,7 @@ how LAQ relates to the STE: ``docs/methods.rst``.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -136,9 +137,30 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       c = 1 / (1 - b1 ** jnp.asarray(count, jnp.float32))
       return [m * c for m in mu]
 
+    def root_moment(x, s):  # sqrt(v) of Adam's v from g and sqrt(v_old)
+      return jnp.sqrt(b2 * s * s + (1 - b2) * x * x)
+
     def adam_moments(g, mu, sq):  # Adam's, with sq = sqrt(v)
       return (optax.tree.update_moment(g, mu, b1, 1),
-              [jnp.sqrt(b2 * s * s + (1 - b2) * x * x) for x, s in zip(g, sq)])
+              [root_moment(x, s) for x, s in zip(g, sq)])
+
+    def in_each_pass(fn, *arrays):
+      """``fn(*arrays)`` as a weight the projection forms in each of its
+      passes (a callable): each call reads ``arrays`` through a barrier of
+      its own, so XLA shares no square root between the passes and writes
+      none to memory (a full-size temporary, 8 B per parameter, then read
+      back)."""
+      passes = itertools.count()  # a distinct barrier per pass (no CSE)
+      return lambda: fn(*jax.lax.optimization_barrier(
+          (*arrays, np.int32(next(passes))))[:-1])
+
+    def formed(branch):
+      """``branch`` whose weights are arrays: a ``cond`` writes them."""
+      def run(g):
+        w, weight, *rest = branch(g)
+        return (w, [(d[0]() if callable(d[0]) else d[0], *d[1:])
+                    for d in weight], *rest)
+      return run
 
     def adam(g, mu, sq, count, at, guard=False):
       """Lines 13-15: moments of ``g`` and ``eta D`` (or of ``g*``: 22);
@@ -211,9 +233,12 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
           w[i] = w_i - lr * m_hat[i] / total(den[i])
           continue
         (x, e, r), (x_s, e_s, r_s) = den[i], den_s[i]  # line 23, in triples
-        d_bar[i] = (a_t * x + (1 - a_t) * (r / r_s) * x_s,
-                    a_t * e + (1 - a_t) * (r / r_s) * e_s, r)
+        c = (1 - a_t) * (r / r_s)
+        d_bar[i] = (a_t * x + c * x_s, a_t * e + c * e_s, r)
         w[i] = w_i - lr * direction(i) / total(d_bar[i])  # 24 (proj: engine)
+        if curvature_fn is None:  # the sums form sqrt(v*) from g*, sqrt(v_t)
+          d_bar[i] = (in_each_pass(lambda x, g_s, c=c: a_t * x + c * (
+              root_moment(g_s, x)), x, g_star[i]), *d_bar[i][1:])
         if moments == "blended":
           mu_n[i] = a_t * mu[i] + (1 - a_t) * mu_s[i]
           nu_n[i] = jnp.sqrt(a_t * nu[i] ** 2 + (1 - a_t) * nu_s[i] ** 2)
@@ -224,7 +249,11 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
-      return mu, nu, m_hat, den, w_star, ctx.project(w_star, den,
+      weight = den  # not stored unguarded: the sums form sqrt(v_t)
+      if not guard and curvature_fn is None:
+        weight = [(in_each_pass(root_moment, x, s), *d[1:]) if qi else d
+                  for x, s, d, qi in zip(g, nu0, den, q)]
+      return mu, nu, m_hat, den, w_star, ctx.project(w_star, weight,
                                                       trial_rounds)
 
     def algorithm_1(g):
@@ -265,9 +294,9 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return result(w, stored_den(den), mu_nu, state.trial, True, stats)
     on = False if a_is_one else engine.is_active(active, ctx.count)
     if opaque:
-      w, weight, *rest = engine.select(on, algorithm_1, laq_step, ctx.grads)
-      if on is True:  # D_bar is blended inside the real projection's sums
-        weight = [(*d, BLENDED_SUM_BLOCK) for d in weight]
+      w, weight, *rest = engine.select(
+          on, algorithm_1 if on is True else formed(algorithm_1), laq_step,
+          ctx.grads)
       return result(w, weight, *rest,
                     gradients=1 + jnp.asarray(on, jnp.int32))
 
@@ -292,9 +321,10 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
                   ctx.last_stats, "trial_flip_fraction", None)),
               jnp.ones([], jnp.bool_))
 
-    out = jax.lax.cond(state.trial.pending, complete, lambda g: engine.select(
-        on, start, lambda g: laq_step(g) + (jnp.ones([], jnp.bool_),), g),
-                       ctx.grads)
+    out = jax.lax.cond(
+        state.trial.pending, formed(complete), lambda g: engine.select(
+            on, start, lambda g: laq_step(g) + (jnp.ones([], jnp.bool_),), g),
+        ctx.grads)
     return result(*out[:-1], commit=out[-1])
 
   return engine.Rule(init, step, _project, ("grad_fn",) if trial and opaque
@@ -303,14 +333,14 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
 
 def _project(w, d, level_set, prev, **options):
   """``proj_D`` (Algorithm 2), warm-started from the previous codes; ``d`` is
-  a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``, or ``(x, e,
-  r, sum_block)`` where ``x`` is a blend of two arrays formed inside the
-  sums (BLAQ's active ``D_bar``, statically active steps only: a ``cond``
-  writes its outputs, so ``x`` is one array there); see
-  :func:`~blaq_jax.projection.project`'s ``sum_block``."""
+  a triple ``(x, e, r)`` with ``D`` proportional to ``x + e``. ``x`` may be
+  a callable that forms it from several arrays in each pass (BLAQ's trial
+  ``D_t`` and ``D_bar`` on statically active steps); its passes then sum in
+  blocks of ``BLENDED_SUM_BLOCK`` (:func:`~blaq_jax.projection.project`'s
+  ``sum_block``)."""
   x, e = (jnp.ones_like(w), 0.0) if d is None else d[:2]
-  if d is not None and len(d) > 3:
-    options["sum_block"] = d[3]
+  if callable(x):
+    options["sum_block"] = BLENDED_SUM_BLOCK
   alpha, _ = project(w, x, level_set, eps=e,
                      prev_codes=None if prev is None else prev.codes,
                      prev_alpha=None if prev is None else prev.alpha,

@@ -219,7 +219,11 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
 
   Args:
     w: latent weights (any float dtype; computed in float32).
-    d: positive diagonal curvature of the same shape as ``w``.
+    d: positive diagonal curvature of the same shape as ``w``, or a
+      callable returning it, called once per pass over ``w``: a weight with
+      a costly formula (BLAQ's ``D_bar``, a square root per entry) is then
+      formed inside each pass instead of written to memory once and read
+      back (see ``sum_block``).
     level_set: the :class:`~blaq_jax.levels.LevelSet` of ``beta``.
     channel_axis: ``None`` for one scale per tensor, else the axis that gets
       its own scale (``-1``: the output axis of Flax kernels).
@@ -241,7 +245,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       ``sqrt(v) + eps sqrt(1 - b2^t)``). At 1 bit it enters ``sum(d + eps)``
       in closed form, so no weight array is formed.
     sum_block: the ``block`` of the sums' :func:`fused_sums`. Where ``d`` is
-      formed inside the sums from two arrays (BLAQ's ``D_bar``),
+      formed inside the sums from several arrays (BLAQ's active step),
       ``BLENDED_SUM_BLOCK`` (8) rather than ``SUM_BLOCK`` (16): each input
       of the fused reduction is ``block`` memory streams a row apart, and on
       an AMD EPYC host three inputs in blocks of 16 (48 streams) ran
@@ -264,7 +268,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
         f"be a static int >= 1, got {max_iter!r} (under "
         "optax.inject_hyperparams pass it in static_args).")
   w = jnp.asarray(w, jnp.float32)
-  d = jnp.asarray(d, jnp.float32)
+  weight = d if callable(d) else (lambda d=jnp.asarray(d, jnp.float32): d)
   axes = _reduce_axes(w.ndim, channel_axis)
   sshape = scale_shape(w.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
@@ -283,19 +287,22 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       # leaves and then writes it out in full for their reductions; tied
       # to this leaf's scale (positive, finite) it stays inside its sum.
       eps = eps + 0 * jnp.max(fallback)
+    d = jnp.asarray(weight(), jnp.float32)
     s1, s2 = fused_sums([(d + eps) * jnp.maximum(w, -w), d], axes,
                         sum_block)
     if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
     return safe_ratio(s1, s2), encode(w, None, level_set)
-  if not no_eps:
-    d = d + eps
+
+  def weight_eps():  # d + eps, formed anew for each pass
+    d = jnp.asarray(weight(), jnp.float32)
+    return d if no_eps else d + eps
 
   # The rounds reduce magnitudes: d |beta| |w| = d beta w and d |beta|^2 =
   # d beta^2 exactly (the sets are symmetric and beta has the sign of w),
   # and |beta| of one threshold is a comparison (LevelSet.magnitude).
   def sums(m):  # S1 = sum(d |beta| |w|), S2 = sum(d |beta|^2), one pass
-    dm = d * m
+    dm = weight_eps() * m
     return fused_sums([dm * jnp.abs(w), dm * m], axes, sum_block)
 
   def round_sums(alpha):
@@ -308,13 +315,14 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     elif prev_alpha is not None:
       alpha = fallback
     else:
-      alpha = initial_scale(w, d, level_set, channel_axis=channel_axis)
+      alpha = initial_scale(w, weight_eps(), level_set,
+                            channel_axis=channel_axis)
     alpha = _fixed_rounds(alpha, int(max_iter), round_sums, safe_ratio)
     return alpha, encode(w, alpha, level_set, channel_axis)
 
   if prev_codes is not None:  # signed: the last codes' signs may differ
     beta0 = level_set.decode(prev_codes)
-    db = d * beta0
+    db = weight_eps() * beta0
     alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes,
                                     sum_block))
   else:

@@ -338,16 +338,37 @@ def test_the_sum_block_changes_only_the_rounding(kind, bits, tol):
   np.testing.assert_array_equal(c8, c16)
 
 
+@pytest.mark.parametrize("bits,tol", [(1, 1e-6), (2, None), (2, 1e-6),
+                                      (3, None)])
+def test_a_weight_formed_in_each_pass_projects_like_its_array(bits, tol):
+  """``d`` as a callable (formed anew in each pass, BLAQ's ``D_bar``) gives
+  the array's scale and codes, and is called once per pass: 1 at 1 bit,
+  the fixed rounds' count with ``tol=None``."""
+  rng = np.random.default_rng(10)
+  w = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
+  d = jnp.asarray(rng.uniform(0.1, 2.0, size=(64, 48)), jnp.float32)
+  calls = []
+  ls = LevelSet("blaq", bits)
+  a0, c0 = project(w, d, ls, tol=tol, max_iter=3, eps=0.25,
+                   prev_alpha=jnp.array(0.8))
+  a1, c1 = project(w, lambda: calls.append(1) or d, ls, tol=tol, max_iter=3,
+                   eps=0.25, prev_alpha=jnp.array(0.8))
+  np.testing.assert_allclose(a1, a0, rtol=1e-6)
+  np.testing.assert_array_equal(c1, c0)
+  if tol is None or bits == 1:
+    assert len(calls) == (1 if bits == 1 else 3)
+
+
 @pytest.mark.parametrize("method,kwargs,blocks", [
-    ("laq", {}, {16}), ("blaq", {}, {16, 8}), ("blaq", {"active": 2}, {16})])
+    ("laq", {}, {16}), ("blaq", {}, {8}), ("blaq", {"active": 2}, {16, 8})])
 def test_blaq_projects_its_active_step_in_blocks_of_8(method, kwargs, blocks):
-  """BLAQ's real projection on an active step forms ``D_bar`` from two
-  arrays inside its sums, and in blocks of 16 that reduction ran 4.5-5.7x
-  slower on an AMD host (``sum_block`` of
-  :func:`~blaq_jax.projection.project`): it sums in blocks of 8. LAQ's
-  weight, BLAQ's trial point and a step under ``cond`` (``active=2``, whose
-  ``D_bar`` is written out) keep 16. Read from the lowered 2-bit update: a
-  (64, 32) leaf is split into (64 / block, block, 32)."""
+  """BLAQ's projections on an active step form their weight (``D_t`` of the
+  trial point, ``D_bar``) from several arrays inside the sums, and in blocks
+  of 16 such reductions ran 4.5-5.7x slower on an AMD host (``sum_block`` of
+  :func:`~blaq_jax.projection.project`): they sum in blocks of 8. LAQ's
+  weight and the real projection of a step under ``cond`` (``active=2``,
+  whose ``D_bar`` is written out) keep 16. Read from the lowered 2-bit
+  update: a (64, 32) leaf is split into (64 / block, block, 32)."""
   params = {"kernel": jnp.ones((64, 32))}
   opt = getattr(blaq_jax, method)(0.01, bits=2, **kwargs)
   extra = {"grad_fn": lambda p: p} if method == "blaq" else {}

@@ -18,9 +18,9 @@ rounds (:func:`experiments.bench.common.time_interleaved`):
   real projection), per block;
 * *update*: each method's whole update (:mod:`experiments.bench.update_cost`'s
   step: donated, carried, warm), compiled once per block, against Adam's;
-  ``lib`` keeps the library's choice (blocks of 8 for BLAQ's real
-  projection on an active step, 16 elsewhere), a number forces that block
-  on every sum.
+  ``lib`` keeps the library's choice (blocks of 8 for BLAQ's projections
+  on an active step, 16 elsewhere), a number forces that block on every
+  sum.
 
 Usage::
 
