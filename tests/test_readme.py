@@ -136,7 +136,7 @@ def test_experiment_tables_are_rows_of_raw_files():
 def test_benchmark_outputs_are_raw_files():
   raw = _raw_lines()
   outputs = _blocks("", BENCH_README.read_text())
-  assert len(outputs) == 16
+  assert len(outputs) == 18
   for block in outputs:
     missing = [line for line in block.splitlines()
                if line.strip() and line.rstrip() not in raw]
