@@ -249,8 +249,8 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
-      weight = den  # not stored unguarded: the sums form sqrt(v_t)
-      if not guard and curvature_fn is None:
+      weight = den
+      if not guard and curvature_fn is None:  # sqrt(v_t) is not stored here
         weight = [(in_each_pass(root_moment, x, s), *d[1:]) if qi else d
                   for x, s, d, qi in zip(g, nu0, den, q)]
       return mu, nu, m_hat, den, w_star, ctx.project(w_star, weight,
