@@ -148,8 +148,8 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       """``fn(*arrays)`` as a weight the projection forms in each of its
       passes (a callable): each call reads ``arrays`` through a barrier of
       its own, so XLA shares no square root between the passes and writes
-      none to memory (a full-size temporary, 8 B per parameter, then read
-      back)."""
+      none to memory (a full-size temporary written in a pass of its own
+      and read back by each consumer)."""
       passes = itertools.count()  # a distinct barrier per pass (no CSE)
       return lambda: fn(*jax.lax.optimization_barrier(
           (*arrays, np.int32(next(passes))))[:-1])

@@ -63,8 +63,9 @@ import numpy as np
 
 from blaq_jax.levels import LevelSet, gaussian_scale
 
-# The block of fused_sums' partial sums, and the block for a weight blended
-# from two arrays inside the sums (three inputs: see project's sum_block).
+# The block of fused_sums' partial sums, and the block for a weight formed
+# from several arrays inside the sums (three or four inputs: see project's
+# sum_block).
 SUM_BLOCK = 16
 BLENDED_SUM_BLOCK = 8
 
@@ -268,7 +269,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
         f"be a static int >= 1, got {max_iter!r} (under "
         "optax.inject_hyperparams pass it in static_args).")
   w = jnp.asarray(w, jnp.float32)
-  weight = d if callable(d) else (lambda d=jnp.asarray(d, jnp.float32): d)
+
+  def weight():  # d in float32; a callable d is called anew for each pass
+    return jnp.asarray(d() if callable(d) else d, jnp.float32)
+
   axes = _reduce_axes(w.ndim, channel_axis)
   sshape = scale_shape(w.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
@@ -287,16 +291,15 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       # leaves and then writes it out in full for their reductions; tied
       # to this leaf's scale (positive, finite) it stays inside its sum.
       eps = eps + 0 * jnp.max(fallback)
-    d = jnp.asarray(weight(), jnp.float32)
-    s1, s2 = fused_sums([(d + eps) * jnp.maximum(w, -w), d], axes,
+    d1 = weight()
+    s1, s2 = fused_sums([(d1 + eps) * jnp.maximum(w, -w), d1], axes,
                         sum_block)
     if not no_eps:
       s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
     return safe_ratio(s1, s2), encode(w, None, level_set)
 
   def weight_eps():  # d + eps, formed anew for each pass
-    d = jnp.asarray(weight(), jnp.float32)
-    return d if no_eps else d + eps
+    return weight() if no_eps else weight() + eps
 
   # The rounds reduce magnitudes: d |beta| |w| = d beta w and d |beta|^2 =
   # d beta^2 exactly (the sets are symmetric and beta has the sign of w),
