@@ -105,6 +105,11 @@ class Step(NamedTuple):
     trial: BLAQ's trial diagnostics as a dict (or None).
     guarded: the rule already kept its state where a gradient is not finite;
       the engine does not select it again (XLA would copy donated buffers).
+    start: None, or per leaf a scale nearer to the new one than the last
+      step's (BLAQ's trial point ``q*``, one step from ``w_t`` like
+      ``w_{t+1}``): a projection in fixed rounds starts there and runs one
+      round fewer (at least one), continuing the rounds that scale came
+      from. Converging projections ignore it.
   """
 
   latent: list
@@ -116,6 +121,7 @@ class Step(NamedTuple):
   losses: Any = 0
   trial: Optional[dict] = None
   guarded: bool = False
+  start: Optional[list] = None
 
 
 class Context(NamedTuple):
@@ -283,7 +289,8 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis
       over which the gradients the rule evaluates are averaged.
     tol, max_iter: the multi-bit projection (1 bit is exact). ``tol=None``:
-      ``max_iter`` rounds warm-started from the last scale, no data-dependent
+      ``max_iter`` rounds warm-started from the last scale (or one fewer
+      from a nearer one a rule gives, ``Step.start``), no data-dependent
       loop; ``tol > 0``: rounds until the scale moves less than ``tol`` (cap
       ``max_iter``, default 20). Default (both None): 2 fixed rounds at 2 bits
       (relative excess D-weighted error over an MNIST run: mean 2e-7, max
@@ -320,12 +327,15 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       return 1e-6, 20  # init, and by default above 2 bits: converge
     return tol, (2 if tol is None else 20) if max_iter is None else max_iter
 
-  def proj(w, d, s, prev, rounds=None):
+  def proj(w, d, s, prev, rounds=None, start=None):
     t, n = rounds_of(s, prev is None)
     if t is None and rounds is not None:  # the count of fixed rounds
       n = rounds
+    more = {}
+    if t is None and start is not None:  # Step.start
+      more, n = dict(start_alpha=start), max(1, n - 1)
     alpha, unit = rule.project(w, d, s, prev, channel_axis=channel_axis,
-                               tol=t, max_iter=n)
+                               tol=t, max_iter=n, **more)
     return LeafScale(alpha, unit, level_set=s, channel_axis=channel_axis)
 
   def to_store(sc, w, s):
@@ -411,9 +421,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
               for w, p, s in zip(latent_in, leaves, sets)]
     old = [sc.at(w) if s else None for sc, w, s in zip(scales, latent, sets)]
 
-    def scales_of(ws, weights, rounds=None):
+    def scales_of(ws, weights, rounds=None, start=None):
       return [proj(w, None if weights is None else weights[i], s, old[i],
-                   rounds) if s else None
+                   rounds, None if start is None else start[i]) if s else None
               for i, (w, s) in enumerate(zip(ws, sets))]
 
     def params_at(ws, scales):
@@ -456,7 +466,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
     kept = [w.astype(x.dtype) if s else x
             for w, x, s in zip(guarded, latent_in, sets)]
     new_scales = [to_store(n, w, s) if s else None for n, w, s in zip(
-        scales_of(guarded, weights), kept, sets)]
+        scales_of(guarded, weights, start=step.start), kept, sets)]
     keep = ok if step.commit is True else jnp.logical_and(ok, step.commit)
     stored = [optax.tree.where(keep, n, o) if s else o
               for n, o, s in zip(new_scales, scales, sets)]

@@ -278,25 +278,28 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       kept = optax.tree.where(ok, state.trial._replace(
           trial_latent=q_tree(w_star, keep_trial),
           trial_grad=q_tree(g_star, keep_trial)), state.trial)
+      # The real projection continues from q*'s scale (engine.Step.start).
       return w, d_bar, new_moments, kept, finite, trial_stats(
-          (w_star, scales), g, g_star)
+          (w_star, scales), g, g_star), [
+              sc.alpha if qi else None for sc, qi in zip(scales, q)]
 
-    def result(w, weight, mu_nu, trial_state, finite, stats, gradients=1,
-               commit=True):
+    def result(w, weight, mu_nu, trial_state, finite, stats, start=None,
+               gradients=1, commit=True):
       return engine.Step(
           latent=w, weight=weight,
           rule=LossAwareState(tree(mu_nu[0]), tree(mu_nu[1]), trial_state),
           finite=finite, commit=commit, gradients=gradients, trial=stats,
-          guarded=not trial or opaque)
+          guarded=not trial or opaque, start=start)
 
     if not trial:
       w, den, mu_nu, _, _, stats = laq_step(ctx.grads)
       return result(w, stored_den(den), mu_nu, state.trial, True, stats)
     on = False if a_is_one else engine.is_active(active, ctx.count)
-    if opaque:
+    if opaque and on is True:
+      return result(*algorithm_1(ctx.grads), gradients=2)
+    if opaque:  # under a traced schedule both branches start from q_t's scale
       w, weight, *rest = engine.select(
-          on, algorithm_1 if on is True else formed(algorithm_1), laq_step,
-          ctx.grads)
+          on, lambda g: formed(algorithm_1)(g)[:-1], laq_step, ctx.grads)
       return result(w, weight, *rest,
                     gradients=1 + jnp.asarray(on, jnp.int32))
 
@@ -451,9 +454,21 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
   best on real networks (the paired-seed regime map,
   ``experiments/README.md``). With ``a = 1`` (``"moments"``,
   ``"lookahead"``), or on steps where ``active`` is false, the update is
-  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient.
+  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient (an
+  ``a`` schedule at 1 does, and at 2 bits its scale is one round further
+  than LAQ's: next paragraph).
   Theorem 2 of the paper: BLAQ converges faster than LAQ for
   ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
+
+  Where the projection runs fixed rounds (2 bits by default), an active
+  step in the opaque mode with a static ``active`` starts the real
+  projection ``q_{t+1}`` from the trial's scale, not the last step's, and
+  runs one round fewer (at least one): ``w*`` and ``w_{t+1}`` are both one
+  step from ``w_t``. Over an MNIST run this costs one of the four rounds
+  and leaves a mean relative excess D-weighted error at ``q_{t+1}`` of
+  4.5e-7, max 4.8e-5 (2 rounds from the last scale: 2.5e-7, max 7.1e-5;
+  ``experiments/results/one_pass_projection/``). A traced schedule
+  (``lax.cond``) and the transparent mode start from the last scale.
 
   Args:
     learning_rate: float or Optax schedule.
@@ -479,11 +494,12 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
     keep_trial: also store ``w*`` and ``g*`` of the last active step in the
       state (two full-size buffers per quantized leaf).
     trial_rounds: ``None`` (default): the trial point's projection ``q*``
-      runs the real step's rounds. An int: that many rounds where the
+      runs the real step's rounds (the real projection then continues from
+      its scale, above). An int: that many rounds where the
       projection runs fixed rounds (by default at 2 bits; converging ones,
       above 2 bits or with ``tol > 0``, converge at ``q*`` too). ``q*`` only
-      locates ``g*``: ``1`` saves one of the active 2-bit step's four rounds
-      and leaves a mean relative excess D-weighted error at ``q*`` of
+      locates ``g*``: ``1`` saves one more of the active 2-bit step's
+      rounds and leaves a mean relative excess D-weighted error at ``q*`` of
       1.3e-6 (max 1.9e-4; 2 rounds: 4.7e-7, max 7.5e-5) over an MNIST run
       (``experiments/results/projection_error.md``).
     **options: the engine's options (:func:`laq`); ``preprocess`` also

@@ -217,8 +217,9 @@ def test_blaq_with_a_equal_one_is_exactly_laq(bits, jit):
 def test_blaq_backtrack_at_a_one_is_laq_op_by_op(bits, blend):
   # An a schedule at 1 runs the trial and the backtrack; run op by op (no
   # jit, so nothing is fused) on the same gradients, their blended latent
-  # step is LAQ's bit for bit. The scales agree to float rounding: an active
-  # step sums its D_bar in blocks of 8, LAQ in blocks of 16.
+  # step is LAQ's bit for bit. The scales agree to 1e-6: an active step sums
+  # its D_bar in blocks of 8, LAQ in blocks of 16, and at 2 bits its real
+  # projection runs one more round, from q*'s scale (the next test).
   params, loss = mlp_problem()
   grads = [jax.grad(loss)(jax.tree.map(lambda x: x * (1 + 0.1 * k), params))
            for k in range(4)]
@@ -240,6 +241,47 @@ def test_blaq_backtrack_at_a_one_is_laq_op_by_op(bits, blend):
   chex.assert_trees_all_equal(blaq_jax.codes(s_laq), blaq_jax.codes(s_blaq))
   chex.assert_trees_all_close(p_laq, p_blaq, rtol=1e-6, atol=0)
 
+
+
+def np_rounds(w, d, values, alpha, rounds):
+  """``rounds`` plain alternations from ``alpha`` (Algorithm 2's rounds)."""
+  for _ in range(rounds):
+    beta = np_nearest(w / alpha, values)
+    alpha = np.sum(d * beta * w) / np.sum(d * beta * beta)
+  return alpha
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_blaq_real_projection_continues_from_the_trial_scale(static):
+  # First step after init at 2 bits, an a schedule at 1: w_{t+1} = w* and
+  # D_bar = D_t, so the trial and the real step project the same problem.
+  # Opaque and statically active, the real projection continues from q*'s
+  # scale for one round (2 + 1 rounds in all); under a traced schedule
+  # (lax.cond) it runs LAQ's 2 rounds from q_t's scale. The third round moves
+  # the scale by far more than the tolerance, so the two are told apart.
+  rng = np.random.default_rng(3)
+  w0 = rng.normal(scale=0.3, size=(64, 48)).astype(np.float32)
+  c = rng.normal(scale=0.3, size=w0.shape).astype(np.float32)
+  loss = lambda p: 0.5 * jnp.sum((p["kernel"] - c) ** 2)  # noqa: E731
+  lr = 0.05
+  opt = blaq_jax.blaq(lr, bits=2, a=lambda count: 1.0,
+                      active=1 if static else (lambda count: count >= 0))
+  params = {"kernel": jnp.asarray(w0)}
+  state = opt.init(params)
+  alpha0 = float(blaq_jax.quantized_tensors(state)["kernel"].alpha)
+  params = blaq_jax.quantized_params(params, state)
+  g = np.asarray(jax.grad(loss)(params)["kernel"], np.float64)
+  _, state = opt.update(jax.grad(loss)(params), state, params,
+                        grad_fn=jax.grad(loss))
+  w1 = w0 - lr * g / (EPS + np.abs(g))  # t = 1: m_hat = g, sqrt(v_hat) = |g|
+  d = EPS + np.abs(g)
+  values = LevelSet("blaq", 2).values.astype(np.float64)
+  three, two = (np_rounds(w1, d, values, alpha0, r) for r in (3, 2))
+  assert abs(three / two - 1) > 1e-4
+  np.testing.assert_allclose(blaq_jax.latent_params(state)["kernel"], w1,
+                             rtol=1e-5, atol=1e-6)  # g in float32
+  got = float(blaq_jax.quantized_tensors(state)["kernel"].alpha)
+  np.testing.assert_allclose(got, three if static else two, rtol=1e-6)
 
 def test_blaq_never_active_is_exactly_laq_and_traces_no_trial():
   calls = []
