@@ -15,4 +15,4 @@ for run in 1 2; do
         --methods 'adam,laq,blaq active' > $OUT/${side}_run$run.txt 2>&1
   done
 done
-echo done > $OUT/DONE
+echo done

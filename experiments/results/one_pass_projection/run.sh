@@ -10,4 +10,4 @@ $PY $D/grid_timing.py > $D/grid_timing.txt 2>&1
 $PY $D/grid_error.py --bits 2 --out '' > $D/grid_error.txt 2>&1
 $PY $D/blaq_real_start.py --bits 2 --out '' > $D/blaq_real_start.txt 2>&1
 $PY $D/blaq_real_start.py --bits 2 --level-set linear --out '' > $D/blaq_real_start_linear.txt 2>&1
-echo done > $D/DONE
+echo done
