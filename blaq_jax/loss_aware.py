@@ -466,7 +466,7 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
   runs one round fewer (at least one): ``w*`` and ``w_{t+1}`` are both one
   step from ``w_t``. Over an MNIST run this costs one of the four rounds
   and leaves a mean relative excess D-weighted error at ``q_{t+1}`` of
-  4.5e-7, max 4.8e-5 (2 rounds from the last scale: 2.5e-7, max 7.1e-5;
+  4.6e-7, max 4.8e-5 (2 rounds from the last scale: 2.5e-7, max 7.1e-5;
   ``experiments/results/one_pass_projection/``). A traced schedule
   (``lax.cond``) and the transparent mode start from the last scale.
 
