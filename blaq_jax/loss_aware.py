@@ -464,7 +464,7 @@ def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
   step in the opaque mode with a static ``active`` starts the real
   projection ``q_{t+1}`` from the trial's scale, not the last step's, and
   runs one round fewer (at least one): ``w*`` and ``w_{t+1}`` are both one
-  step from ``w_t``. Over an MNIST run this costs one of the four rounds
+  step from ``w_t``. Over an MNIST run this saves one of the four rounds
   and leaves a mean relative excess D-weighted error at ``q_{t+1}`` of
   4.6e-7, max 4.8e-5 (2 rounds from the last scale: 2.5e-7, max 7.1e-5;
   ``experiments/results/one_pass_projection/``). A traced schedule

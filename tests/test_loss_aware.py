@@ -242,7 +242,6 @@ def test_blaq_backtrack_at_a_one_is_laq_op_by_op(bits, blend):
   chex.assert_trees_all_close(p_laq, p_blaq, rtol=1e-6, atol=0)
 
 
-
 def np_rounds(w, d, values, alpha, rounds):
   """``rounds`` plain alternations from ``alpha`` (Algorithm 2's rounds)."""
   for _ in range(rounds):
@@ -282,6 +281,7 @@ def test_blaq_real_projection_continues_from_the_trial_scale(static):
                              rtol=1e-5, atol=1e-6)  # g in float32
   got = float(blaq_jax.quantized_tensors(state)["kernel"].alpha)
   np.testing.assert_allclose(got, three if static else two, rtol=1e-6)
+
 
 def test_blaq_never_active_is_exactly_laq_and_traces_no_trial():
   calls = []
