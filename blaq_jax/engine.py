@@ -139,7 +139,8 @@ class Context(NamedTuple):
     project: ``(latent list, weight list or None, rounds=None) ->
       LeafScale list`` (None at full precision): the projection of those
       latent weights; ``rounds`` replaces the number of rounds where the
-      projection runs fixed rounds (BLAQ's trial point).
+      projection runs fixed rounds (BLAQ's trial point). A latent may be a
+      callable, formed in each pass (:func:`~blaq_jax.projection.project`).
     params_at: ``(latent list, LeafScale list) -> params``: ``alpha * beta``
       at the quantized leaves.
     gradient: ``params -> (float32 list, all finite)``: ``grad_fn(params)``

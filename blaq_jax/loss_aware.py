@@ -245,15 +245,29 @@ def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
       return w, d_bar, (mu_n, nu_n)
 
     def trial_point(g, guard=True):
-      """Lines 13-16: moments, ``D_t``, ``w* = w_t - m_hat / D_t``, ``q*``."""
+      """Lines 13-16: moments, ``D_t``, ``w* = w_t - m_hat / D_t``, ``q*``
+      (``w*`` as arrays, and as the projection reads it)."""
       mu, nu, m_hat, den = adam(g, mu0, nu0, t, ctx.params, guard=guard)
       w_star = [w - lr * m / total(d) if qi else w
                 for w, m, d, qi in zip(ctx.latent, m_hat, den, q)]
-      weight = den
-      if not guard and curvature_fn is None:  # sqrt(v_t) is not stored here
+      w_read, weight = w_star, den
+      if not guard and curvature_fn is None:
+        # Nothing is stored here: the sums form sqrt(v_t), and at 1 bit
+        # (one pass) w* too, from (w_t, g, m, sqrt(v)); the trial params are
+        # formed from them again, and w* is never written. In rounds w* is
+        # written once and read by each: as many bytes at 2 rounds (formed
+        # in each, the 2-bit step ran no faster), fewer from 3 on.
+        def star(w, x, m, s, e, r):
+          (m,), (s,) = adam_moments([x], [m], [s])
+          return w - lr * unbias([m], t)[0] / total((s, e, r))
+        w_read = [in_each_pass(star, w, x, m, s, *d[1:])
+                  if qi and qt.level_set.bits == 1 else ws
+                  for w, ws, x, m, s, d, qi, qt in zip(
+                      ctx.latent, w_star, g, mu0, nu0, den, q,
+                      ctx.quantized)]
         weight = [(in_each_pass(root_moment, x, s), *d[1:]) if qi else d
                   for x, s, d, qi in zip(g, nu0, den, q)]
-      return mu, nu, m_hat, den, w_star, ctx.project(w_star, weight,
+      return mu, nu, m_hat, den, w_star, ctx.project(w_read, weight,
                                                       trial_rounds)
 
     def algorithm_1(g):

@@ -219,12 +219,15 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   """Projects ``w`` onto the scaled level set, weighting errors by ``d + eps``.
 
   Args:
-    w: latent weights (any float dtype; computed in float32).
+    w: latent weights (any float dtype; computed in float32), or a callable
+      returning them, called once per pass (BLAQ's trial point ``w*``, a
+      step from ``w_t`` that the sums then form from its inputs instead of
+      reading it written out).
     d: positive diagonal curvature of the same shape as ``w``, or a
-      callable returning it, called once per pass over ``w``: a weight with
-      a costly formula (BLAQ's ``D_bar``, a square root per entry) is then
-      formed inside each pass instead of written to memory once and read
-      back (see ``sum_block``).
+      callable returning it, called once per pass over ``w`` (right after
+      ``w``): a weight with a costly formula (BLAQ's ``D_bar``, a square
+      root per entry) is then formed inside each pass instead of written to
+      memory once and read back (see ``sum_block``).
     level_set: the :class:`~blaq_jax.levels.LevelSet` of ``beta``.
     channel_axis: ``None`` for one scale per tensor, else the axis that gets
       its own scale (``-1``: the output axis of Flax kernels).
@@ -268,13 +271,17 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
         "project: with tol=None, max_iter is the number of rounds and must "
         f"be a static int >= 1, got {max_iter!r} (under "
         "optax.inject_hyperparams pass it in static_args).")
-  w = jnp.asarray(w, jnp.float32)
 
-  def weight():  # d in float32; a callable d is called anew for each pass
+  def latent():  # w in float32; a callable w is called anew for each pass
+    return jnp.asarray(w() if callable(w) else w, jnp.float32)
+
+  def weight():  # likewise d, called after w
     return jnp.asarray(d() if callable(d) else d, jnp.float32)
 
-  axes = _reduce_axes(w.ndim, channel_axis)
-  sshape = scale_shape(w.shape, channel_axis)
+  first = latent()  # the first pass's w
+
+  axes = _reduce_axes(first.ndim, channel_axis)
+  sshape = scale_shape(first.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
               else jnp.asarray(prev_alpha, jnp.float32))
 
@@ -292,11 +299,11 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       # to this leaf's scale (positive, finite) it stays inside its sum.
       eps = eps + 0 * jnp.max(fallback)
     d1 = weight()
-    s1, s2 = fused_sums([(d1 + eps) * jnp.maximum(w, -w), d1], axes,
+    s1, s2 = fused_sums([(d1 + eps) * jnp.maximum(first, -first), d1], axes,
                         sum_block)
     if not no_eps:
-      s2 = s2 + eps * int(np.prod([w.shape[a] for a in axes]))
-    return safe_ratio(s1, s2), encode(w, None, level_set)
+      s2 = s2 + eps * int(np.prod([first.shape[a] for a in axes]))
+    return safe_ratio(s1, s2), encode(latent(), None, level_set)
 
   def weight_eps():  # d + eps, formed anew for each pass
     return weight() if no_eps else weight() + eps
@@ -304,13 +311,14 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   # The rounds reduce magnitudes: d |beta| |w| = d beta w and d |beta|^2 =
   # d beta^2 exactly (the sets are symmetric and beta has the sign of w),
   # and |beta| of one threshold is a comparison (LevelSet.magnitude).
-  def sums(m):  # S1 = sum(d |beta| |w|), S2 = sum(d |beta|^2), one pass
+  def sums(x, m):  # S1 = sum(d |beta| |w|), S2 = sum(d |beta|^2), one pass
     dm = weight_eps() * m
-    return fused_sums([dm * jnp.abs(w), dm * m], axes, sum_block)
+    return fused_sums([dm * jnp.abs(x), dm * m], axes, sum_block)
 
   def round_sums(alpha):
-    return sums(level_set.magnitude(
-        jnp.abs(w / _expand(alpha, w.ndim, channel_axis))))
+    x = latent()
+    return sums(x, level_set.magnitude(
+        jnp.abs(x / _expand(alpha, x.ndim, channel_axis))))
 
   if tol is None:
     if start_alpha is not None:
@@ -318,20 +326,21 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
     elif prev_alpha is not None:
       alpha = fallback
     else:
-      alpha = initial_scale(w, weight_eps(), level_set,
+      alpha = initial_scale(first, weight_eps(), level_set,
                             channel_axis=channel_axis)
     alpha = _fixed_rounds(alpha, int(max_iter), round_sums, safe_ratio)
-    return alpha, encode(w, alpha, level_set, channel_axis)
+    return alpha, encode(latent(), alpha, level_set, channel_axis)
 
   if prev_codes is not None:  # signed: the last codes' signs may differ
     beta0 = level_set.decode(prev_codes)
     db = weight_eps() * beta0
-    alpha0 = safe_ratio(*fused_sums([db * w, db * beta0], axes,
+    alpha0 = safe_ratio(*fused_sums([db * first, db * beta0], axes,
                                     sum_block))
   else:
-    wmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    alpha0 = safe_ratio(*sums(level_set.magnitude(
-        jnp.abs(w) / jnp.where(wmax > 0, wmax, 1.0))))
+    wmax = jnp.max(jnp.abs(first), axis=axes, keepdims=True)
+    x = latent()
+    alpha0 = safe_ratio(*sums(x, level_set.magnitude(
+        jnp.abs(x) / jnp.where(wmax > 0, wmax, 1.0))))
 
   def cond(carry):
     i, alpha, prev = carry
@@ -343,7 +352,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
 
   alpha1 = safe_ratio(*round_sums(alpha0))
   _, alpha, _ = jax.lax.while_loop(cond, body, (1, alpha1, alpha0))
-  return alpha, encode(w, alpha, level_set, channel_axis)
+  return alpha, encode(latent(), alpha, level_set, channel_axis)
 
 
 def _aitken(x0, x1, x2):

@@ -338,25 +338,34 @@ def test_the_sum_block_changes_only_the_rounding(kind, bits, tol):
   np.testing.assert_array_equal(c8, c16)
 
 
+@pytest.mark.parametrize("formed", ["d", "w", "w,d"])
 @pytest.mark.parametrize("bits,tol", [(1, 1e-6), (2, None), (2, 1e-6),
                                       (3, None)])
-def test_a_weight_formed_in_each_pass_projects_like_its_array(bits, tol):
-  """``d`` as a callable (formed anew in each pass, BLAQ's ``D_bar``) gives
-  the array's scale and codes, and is called once per pass: 1 at 1 bit,
-  the fixed rounds' count with ``tol=None``."""
+def test_a_weight_formed_in_each_pass_projects_like_its_array(bits, tol,
+                                                              formed):
+  """``d`` or ``w`` as a callable (formed anew in each pass: BLAQ's
+  ``D_bar``, its trial point ``w*``) gives the arrays' scale and codes.
+  ``d`` is called once per pass (1 at 1 bit, the fixed rounds' count with
+  ``tol=None``); ``w`` also for the codes at the end, and in fixed rounds
+  once for its shape (a call XLA drops)."""
   rng = np.random.default_rng(10)
   w = jnp.asarray(rng.normal(size=(64, 48)), jnp.float32)
   d = jnp.asarray(rng.uniform(0.1, 2.0, size=(64, 48)), jnp.float32)
-  calls = []
+  calls = {"w": [], "d": []}
+  args = {k: (lambda k=k, x=x: calls[k].append(1) or x) if k in formed
+          else x for k, x in (("w", w), ("d", d))}
   ls = LevelSet("blaq", bits)
   a0, c0 = project(w, d, ls, tol=tol, max_iter=3, eps=0.25,
                    prev_alpha=jnp.array(0.8))
-  a1, c1 = project(w, lambda: calls.append(1) or d, ls, tol=tol, max_iter=3,
-                   eps=0.25, prev_alpha=jnp.array(0.8))
+  a1, c1 = project(args["w"], args["d"], ls, tol=tol, max_iter=3, eps=0.25,
+                   prev_alpha=jnp.array(0.8))
   np.testing.assert_allclose(a1, a0, rtol=1e-6)
   np.testing.assert_array_equal(c1, c0)
   if tol is None or bits == 1:
-    assert len(calls) == (1 if bits == 1 else 3)
+    passes = 1 if bits == 1 else 3
+    assert len(calls["d"]) == (passes if "d" in formed else 0)
+    assert len(calls["w"]) == (
+        (2 if bits == 1 else passes + 2) if "w" in formed else 0)
 
 
 @pytest.mark.parametrize("method,kwargs,blocks", [
