@@ -307,6 +307,25 @@ def test_one_round_forms_both_sums_in_one_pass():
   assert per_entry < 9.5, per_entry
 
 
+def test_blaq_1bit_trial_point_is_formed_in_its_passes_not_written():
+  """An active 1-bit BLAQ step (update + apply, params and state donated, a
+  stand-in trial gradient that reads the trial params) forms ``w*`` inside
+  the trial's sums and the trial-params pass: 120 bytes per parameter.
+  Writing ``w*`` in a pass of its own and reading it back in both is 128."""
+  params = {"kernel": jnp.ones((1024, 1024))}
+  opt = blaq_jax.blaq(0.01, bits=1)
+
+  def step(p, state, g, g2):
+    u, state = opt.update(g, state, p, grad_fn=lambda q: jax.tree.map(
+        lambda a, b: a + 0.0 * b, g2, q))
+    return optax.apply_updates(p, u), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt.init(params), params, params).compile()
+  per_param = compiled.cost_analysis()["bytes accessed"] / 2 ** 20
+  assert per_param < 124, per_param
+
+
 @pytest.mark.parametrize("block", [16, 8])
 @pytest.mark.parametrize("shape", [(64, 32), (3, 3, 32, 48), (5, 7), (48,),
                                    (16, 16), (8, 8)])
