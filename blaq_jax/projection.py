@@ -224,10 +224,10 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
       step from ``w_t`` that the sums then form from its inputs instead of
       reading it written out).
     d: positive diagonal curvature of the same shape as ``w``, or a
-      callable returning it, called once per pass over ``w`` (right after
-      ``w``): a weight with a costly formula (BLAQ's ``D_bar``, a square
-      root per entry) is then formed inside each pass instead of written to
-      memory once and read back (see ``sum_block``).
+      callable returning it, called once per pass over ``w``: a weight with
+      a costly formula (BLAQ's ``D_bar``, a square root per entry) is then
+      formed inside each pass instead of written to memory once and read
+      back (see ``sum_block``).
     level_set: the :class:`~blaq_jax.levels.LevelSet` of ``beta``.
     channel_axis: ``None`` for one scale per tensor, else the axis that gets
       its own scale (``-1``: the output axis of Flax kernels).
@@ -275,10 +275,11 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   def latent():  # w in float32; a callable w is called anew for each pass
     return jnp.asarray(w() if callable(w) else w, jnp.float32)
 
-  def weight():  # likewise d, called after w
+  def weight():  # likewise d
     return jnp.asarray(d() if callable(d) else d, jnp.float32)
 
-  first = latent()  # the first pass's w
+  first = latent()  # the first pass's w (in rounds from a scale, only
+  # its shape is read: XLA drops it)
 
   axes = _reduce_axes(first.ndim, channel_axis)
   sshape = scale_shape(first.shape, channel_axis)
