@@ -20,7 +20,7 @@ from blaq_jax import engine
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import BLENDED_SUM_BLOCK, project
-from blaq_jax.state import _find, cosine, fraction_changed
+from blaq_jax.state import find_state, cosine, fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Active = Union[int, Callable[[jax.Array], Any]]
@@ -72,7 +72,7 @@ def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
   Uses the stored ``sqrt_nu`` and count; ``b2``/``eps`` must be those of
   the transform. Returned for every leaf.
   """
-  count = _find(opt_state, "count")
+  count = find_state(opt_state, "count")
   sqrt_nu = optax.tree.get(opt_state, "sqrt_nu")
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
   c = jax.lax.rsqrt(1 - b2 ** count.astype(jnp.float32))

@@ -70,7 +70,8 @@ SUM_BLOCK = 16
 BLENDED_SUM_BLOCK = 8
 
 
-def _reduce_axes(ndim: int, channel_axis: Optional[int]):
+def reduce_axes(ndim: int, channel_axis: Optional[int]):
+  """The axes a scale sums over: all, or all but ``channel_axis``."""
   if channel_axis is None or ndim == 0:
     return tuple(range(ndim))
   ax = channel_axis % ndim
@@ -84,7 +85,7 @@ def scale_shape(shape, channel_axis: Optional[int]):
   return (shape[channel_axis % len(shape)],)
 
 
-def _expand(alpha, ndim: int, channel_axis: Optional[int]):
+def expand_scale(alpha, ndim: int, channel_axis: Optional[int]):
   """Broadcasts alpha (``()`` or ``(C,)``) against a tensor of rank ``ndim``."""
   if alpha.ndim == 0:
     return alpha
@@ -96,13 +97,13 @@ def _expand(alpha, ndim: int, channel_axis: Optional[int]):
 def dequantize(alpha, codes, level_set: LevelSet, channel_axis=None,
                dtype=jnp.float32):
   """``q = alpha * beta(codes)`` with ``alpha`` broadcast along the channel."""
-  return _alpha_times(alpha, level_set.decode(codes, jnp.float32),
-                      channel_axis, dtype)
+  return alpha_times(alpha, level_set.decode(codes, jnp.float32),
+                     channel_axis, dtype)
 
 
-def _alpha_times(alpha, beta, channel_axis, dtype):
+def alpha_times(alpha, beta, channel_axis, dtype):
   """``alpha * beta`` in float32, ``alpha`` broadcast along the channel."""
-  a = _expand(jnp.asarray(alpha, jnp.float32), beta.ndim, channel_axis)
+  a = expand_scale(jnp.asarray(alpha, jnp.float32), beta.ndim, channel_axis)
   return (a * beta).astype(dtype)
 
 
@@ -148,7 +149,7 @@ def _in_units(w, alpha, level_set, channel_axis, unit):
   if level_set.kind == "blaq" and level_set.bits == 1:
     return w
   u = jnp.asarray(alpha if unit is None else unit, jnp.float32)
-  return w / _expand(u, w.ndim, channel_axis)
+  return w / expand_scale(u, w.ndim, channel_axis)
 
 
 def extrapolate(alpha, alpha_before):
@@ -281,7 +282,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   first = latent()  # the first pass's w (in rounds from a scale, only
   # its shape is read: XLA drops it)
 
-  axes = _reduce_axes(first.ndim, channel_axis)
+  axes = reduce_axes(first.ndim, channel_axis)
   sshape = scale_shape(first.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
               else jnp.asarray(prev_alpha, jnp.float32))
@@ -319,7 +320,7 @@ def project(w, d, level_set: LevelSet, *, channel_axis: Optional[int] = None,
   def round_sums(alpha):
     x = latent()
     return sums(x, level_set.magnitude(
-        jnp.abs(x / _expand(alpha, x.ndim, channel_axis))))
+        jnp.abs(x / expand_scale(alpha, x.ndim, channel_axis))))
 
   if tol is None:
     if start_alpha is not None:
@@ -415,7 +416,7 @@ def initial_scale(w, d, level_set: LevelSet, *, channel_axis=None):
   """
   w = jnp.asarray(w, jnp.float32)
   d = jnp.asarray(d, jnp.float32)
-  axes = _reduce_axes(w.ndim, channel_axis)
+  axes = reduce_axes(w.ndim, channel_axis)
   s2, sd = fused_sums([d * w * w, d], axes)
   rms = jnp.sqrt(s2 / jnp.where(sd > 0, sd, 1.0))
   return jnp.where(rms > 0, gaussian_scale(level_set) * rms, 1.0)

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax.levels import LevelSet
-from blaq_jax.projection import (_expand, _reduce_axes, encode, project,
+from blaq_jax.projection import (encode, expand_scale, project, reduce_axes,
                                  scale_shape)
 
 SURROGATES = ("identity", "hardtanh", "tanh", "approx_sign")
@@ -197,7 +197,7 @@ def latent_scale(w, level_set: LevelSet, scale: Scale = "fit", *,
   sshape = scale_shape(w.shape, channel_axis)
   fallback = (jnp.ones(sshape, jnp.float32) if prev_alpha is None
               else jnp.asarray(prev_alpha, jnp.float32))
-  axes = _reduce_axes(w.ndim, channel_axis)
+  axes = reduce_axes(w.ndim, channel_axis)
 
   def positive_or_fallback(alpha):
     return jnp.where(alpha > 0, alpha, fallback)
@@ -231,7 +231,7 @@ def _fake_quantize(w, level_set, scale, surrogate, channel_axis, threshold):
                                  channel_axis=channel_axis,
                                  threshold=threshold)
   beta = level_set.decode(codes, jnp.float32)
-  return (_expand(alpha, w.ndim, channel_axis) * beta).astype(w.dtype)
+  return (expand_scale(alpha, w.ndim, channel_axis) * beta).astype(w.dtype)
 
 
 def _fake_quantize_fwd(w, level_set, scale, surrogate, channel_axis,
@@ -239,7 +239,7 @@ def _fake_quantize_fwd(w, level_set, scale, surrogate, channel_axis,
   alpha, codes = quantize_latent(w, level_set, scale,
                                  channel_axis=channel_axis,
                                  threshold=threshold)
-  a = _expand(alpha, w.ndim, channel_axis)
+  a = expand_scale(alpha, w.ndim, channel_axis)
   q = (a * level_set.decode(codes, jnp.float32)).astype(w.dtype)
   return q, surrogate_grad(surrogate, w.astype(jnp.float32), a)
 

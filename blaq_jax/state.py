@@ -42,7 +42,7 @@ import optax
 
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
-from blaq_jax.projection import (_alpha_times, dequantize, encode,
+from blaq_jax.projection import (alpha_times, dequantize, encode,
                                  fused_sums, nearest_levels)
 
 
@@ -115,7 +115,7 @@ class LeafScale:
       return self.at(w).dequantize(dtype)
     beta = nearest_levels(w, self.alpha, self.level_set, self.channel_axis,
                           self.unit)
-    return _alpha_times(self.alpha, beta, self.channel_axis, dtype)
+    return alpha_times(self.alpha, beta, self.channel_axis, dtype)
 
 
 jax.tree_util.register_dataclass(
@@ -232,7 +232,7 @@ def _is_scale(x):
   return isinstance(x, LeafScale)
 
 
-def _find(opt_state, field: str):
+def find_state(opt_state, field: str):
   """The unique ``field`` of a blaq_jax state nested anywhere in opt_state."""
   found = []
 
@@ -262,7 +262,7 @@ def _find(opt_state, field: str):
 
 def latent_params(opt_state):
   """The latent full-precision weights (MaskedNode at full-precision leaves)."""
-  return _find(opt_state, "latent")
+  return find_state(opt_state, "latent")
 
 
 def quantized_tensors(opt_state):
@@ -272,7 +272,7 @@ def quantized_tensors(opt_state):
   """
   # Leaf lists, not a tree map: under Flax NNX the latent tree keeps the
   # params' variable wrappers and the scale tree does not.
-  scales_, treedef = jax.tree.flatten(_find(opt_state, "quantized"),
+  scales_, treedef = jax.tree.flatten(find_state(opt_state, "quantized"),
                                       is_leaf=_is_scale)
   latent = jax.tree.leaves(latent_params(opt_state))
   return treedef.unflatten(
@@ -287,7 +287,7 @@ def codes(opt_state):
 
 def scales(opt_state):
   """Tree of the scales ``alpha`` of the quantized leaves."""
-  return jax.tree.map(lambda t: t.alpha, _find(opt_state, "quantized"),
+  return jax.tree.map(lambda t: t.alpha, find_state(opt_state, "quantized"),
                       is_leaf=_is_scale)
 
 

@@ -18,7 +18,7 @@ from blaq_jax import engine
 from blaq_jax import quantizers
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
-from blaq_jax.projection import _expand
+from blaq_jax.projection import expand_scale
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 QUANTIZERS = ("sign", "ternary", "uniform")
@@ -101,7 +101,7 @@ def straight_through(learning_rate, *, optimizer=None, quantizer="sign",
       return [new.get(i, x) for i, x in enumerate(xs)]
 
     qts = [ctx.quantized[i] for i in q_ix]
-    alpha = [_expand(qt.alpha, leaves[i].ndim, qt.channel_axis)
+    alpha = [expand_scale(qt.alpha, leaves[i].ndim, qt.channel_axis)
              for i, qt in zip(q_ix, qts)]
     g_q = [ctx.grads[i] * quantizers.surrogate_grad(surrogate, ctx.latent[i],
                                                     a)

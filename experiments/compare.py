@@ -201,7 +201,7 @@ def _mean_curve(records_per_seed: List[List[Mapping]], x: str, y: str):
 
 def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
   """Training loss (left) and test accuracy per epoch (right) per method."""
-  plt = plots._pyplot()  # pylint: disable=protected-access
+  plt = plots.pyplot()
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for method, rs in runs.items():
     # Per-epoch mean: a minibatch's squared hinge loss is often exactly 0.
@@ -225,7 +225,7 @@ def plot_comparison(runs: Mapping[str, List[Mapping]], path: str) -> str:
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
     ax.legend()
-  return plots._save(fig, path)  # pylint: disable=protected-access
+  return plots.save_figure(fig, path)
 
 
 def compare(config, methods: Sequence[str], seeds: Sequence[int],

@@ -38,18 +38,20 @@ import numpy as np
 Records = List[Mapping]
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib's pyplot on the non-interactive Agg backend."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+  """Writes ``fig`` to ``path`` (creating its folder), closes it, returns it."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  _pyplot().close(fig)
+  pyplot().close(fig)
   return path
 
 
@@ -80,7 +82,7 @@ def plot_training_loss(runs: Mapping[str, Records], path: str, *,
     smooth: moving-average window in logged points (1: none).
     log_scale: logarithmic loss axis.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, records in runs.items():
     x, y = _series(records, "step", "loss")
@@ -93,7 +95,7 @@ def plot_training_loss(runs: Mapping[str, Records], path: str, *,
   ax.grid(alpha=0.3)
   ax.legend()
   ax.set_title("Training loss")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_test_accuracy(runs: Mapping[str, Records], path: str, *,
@@ -110,7 +112,7 @@ def plot_test_accuracy(runs: Mapping[str, Records], path: str, *,
     x: the field on the horizontal axis: ``"epoch"``, or e.g.
       ``"wall_time"`` or ``"grad_evals"`` for accuracy against cost.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   xname = x
   for label, records in runs.items():
@@ -128,7 +130,7 @@ def plot_test_accuracy(runs: Mapping[str, Records], path: str, *,
   ax.grid(alpha=0.3)
   ax.legend()
   ax.set_title("Test accuracy")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_zigzag(records: Records, path: str, *,
@@ -150,7 +152,7 @@ def plot_zigzag(records: Records, path: str, *,
     steps: ``[T]`` step numbers of the trace (default ``0..T-1``).
     max_tracked: how many tracked weights to draw.
   """
-  plt = _pyplot()
+  plt = pyplot()
   rows = 3 if latent is not None else 2
   fig, axes = plt.subplots(rows, 1, figsize=(7, 2.4 * rows), sharex=True)
   x, y = _series(records, "step", "flip_fraction")
@@ -174,7 +176,7 @@ def plot_zigzag(records: Records, path: str, *,
   for ax in axes:
     ax.grid(alpha=0.3)
   axes[0].set_title("Zig-zag statistics")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def toy_loss(w):
@@ -302,11 +304,11 @@ def plot_toy_trajectories(path: str, paths: Optional[Dict] = None,
   """
   if paths is None:
     paths = toy_trajectories(**kwargs)
-  plt = _pyplot()
+  plt = pyplot()
   fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.2))
   _draw_toy(ax, ax_loss,
             paths, r"$\ell(w)=5(w_1-0.054)^2+(w_2+0.055)^2$, 1 bit")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def fig1_caption(multiplier: float, stats: Mapping[str, Mapping],
@@ -346,7 +348,7 @@ def plot_fig1(path: str, multipliers: Sequence[float] = (1.0, 1.9), *,
   from experiments import toy_sweep  # pylint: disable=g-import-not-at-top
   from experiments import zigzag  # pylint: disable=g-import-not-at-top
   best = toy_sweep.best_level_set_loss(toy_sweep.make_toy("fig1"), 1)
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(len(multipliers), 2,
                            figsize=(11, 4.6 * len(multipliers)),
                            squeeze=False)
@@ -365,7 +367,7 @@ def plot_fig1(path: str, multipliers: Sequence[float] = (1.0, 1.9), *,
     _draw_toy(row[0], row[1], paths, "\n".join(_wrap(caption, 70)))
   fig.suptitle(r"Fig. 1 toy $\ell(w)=5(w_1-0.054)^2+(w_2+0.055)^2$, 1 bit, "
                f"b1 = 0, a = {a:g}, D = H / s", fontsize=10)
-  _save(fig, path)
+  save_figure(fig, path)
   return out
 
 
