@@ -435,7 +435,10 @@ def read_export(path: PathLike) -> ExportContents:
       if alpha.dtype != np.float32 or alpha.shape != scale_shape(shape, ch):
         raise ExportError(f"{where}: leaf '{name}': alpha has "
                           f"{alpha.dtype}{list(alpha.shape)}.")
-      codes = leaf.codes()  # checks the zero padding
+      try:
+        codes = leaf.codes()  # checks the zero padding
+      except ValueError as e:
+        raise ExportError(f"{where}: leaf '{name}': {e}") from e
       if codes.size and int(codes.max()) >= ls.num_levels:
         raise ExportError(f"{where}: leaf '{name}': code {int(codes.max())} "
                           f"is outside the {ls.num_levels} levels of {ls}.")

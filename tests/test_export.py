@@ -268,6 +268,131 @@ def test_header_edit_without_checksum_is_detected(tmp_path, exported):
     blaq_jax.load(tmp_path / "h.safetensors")
 
 
+def _rebuild(src, dst, edit):
+  """Rewrites an export through ``edit(header, tensors)``, ``tensors`` being
+  ``{name: [dtype, shape, bytes]}``, with every checksum made to match the
+  result, so that only the loader's structural checks can find the change.
+  ``edit`` may return a string: the header's new text, as is."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+  data = pathlib.Path(src).read_bytes()
+  n = struct.unpack("<Q", data[:8])[0]
+  head = json.loads(data[8:8 + n])
+  header = json.loads(head.pop("__metadata__")["blaq_jax"])
+  body = data[8 + n:]
+  tensors = {k: [v["dtype"], v["shape"], body[slice(*v["data_offsets"])]]
+             for k, v in head.items()}
+  text = edit(header, tensors)
+  for name, spec in header["leaves"].items():
+    for key, tensor in (("sha256", name), ("codes_sha256", name + ":codes"),
+                        ("alpha_sha256", name + ":alpha")):
+      if key in spec and tensor in tensors:
+        spec[key] = sha(tensors[tensor][2])
+  text = json.dumps(header, sort_keys=True) if text is None else text
+  out = {"__metadata__": {"blaq_jax": text,
+                          "blaq_jax_sha256": sha(text.encode())}}
+  offset = 0
+  for k, (dtype, shape, b) in tensors.items():
+    out[k] = {"dtype": dtype, "shape": shape,
+              "data_offsets": [offset, offset + len(b)]}
+    offset += len(b)
+  raw = json.dumps(out).encode()
+  raw += b" " * (-len(raw) % 8)
+  pathlib.Path(dst).write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(
+      b for _, _, b in tensors.values()))
+  return dst
+
+
+def _set(mapping, key, value):
+  mapping[key] = value
+
+
+def _linear_2_bit_codes_of_3(header, tensors):
+  # 15 ternary codes (levels 0..2) in 2 bits: every code 3, padding zero.
+  header["leaves"]["a/kernel"].update(level_set="linear", bits=2)
+  tensors["a/kernel:codes"][1:] = [[4], b"\xff\xff\xff\x3f"]
+
+
+# Each edit damages one thing a valid export promises; the checksums match.
+_DAMAGE = {
+    "missing tensor": (lambda h, t: t.pop("a/kernel:alpha") and None,
+                       r"tensor 'a/kernel:alpha' is missing"),
+    "unsupported dtype": (
+        lambda h, t: _set(t["a/bias"], 0, "F8_E4M3") or _set(
+            t["a/bias"], 1, [20]),
+        "tensor 'a/bias' has unsupported dtype F8_E4M3"),
+    "stored shape": (lambda h, t: _set(t["a/bias"], 1, [5, 1]),
+                     r"leaf 'a/bias' is stored as float32\[5, 1\], the "
+                     r"header says float32\[5\]"),
+    "packed size": (lambda h, t: _set(t["a/kernel:codes"], 1, [1]) or _set(
+        t["a/kernel:codes"], 2, t["a/kernel:codes"][2][:1]),
+                    r"leaf 'a/kernel': packed codes have uint8\[1\], "
+                    "expected 2 bytes"),
+    "alpha shape": (lambda h, t: _set(t["a/kernel:alpha"], 1, [1]),
+                    r"leaf 'a/kernel': alpha has float32\[1\]"),
+    "padding bits": (lambda h, t: _set(t["a/kernel:codes"], 2, bytes(
+        [t["a/kernel:codes"][2][0], t["a/kernel:codes"][2][1] | 0x80])),
+                     "leaf 'a/kernel': The padding bits after the last code "
+                     "are not zero"),
+    "code outside the levels": (_linear_2_bit_codes_of_3,
+                                "leaf 'a/kernel': code 3 is outside the 3 "
+                                "levels of"),
+    "header key missing": (lambda h, t: h["leaves"]["a/kernel"].pop("bits")
+                           and None, r"malformed header: KeyError\('bits'\)"),
+    "extra tensor": (lambda h, t: _set(t, "zzz", ["U8", [1], b"\x00"]),
+                     r"tensors not described by the header: \['zzz'\]"),
+    "other format": (lambda h, t: _set(h, "format", "other"),
+                     r"not a blaq_jax export \(format 'other'\)"),
+    "header not JSON": (lambda h, t: "{not json",
+                        "corrupt blaq_jax header"),
+}
+
+
+def test_rebuilt_export_loads_unchanged(tmp_path, exported):
+  same = _rebuild(exported[0], tmp_path / "same.safetensors",
+                  lambda h, t: None)
+  jax.tree.map(_assert_bit_equal, blaq_jax.load(same, exported[1]),
+               blaq_jax.load(exported[0], exported[1]))
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_damaged_export_is_refused_naming_what(tmp_path, exported, damage):
+  edit, match = _DAMAGE[damage]
+  bad = _rebuild(exported[0], tmp_path / "bad.safetensors", edit)
+  with pytest.raises(ExportError, match=match):
+    blaq_jax.load(bad)
+
+
+def test_export_refuses_two_leaves_of_one_name(tmp_path):
+  params = {"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}}
+  with pytest.raises(ExportError, match="params: two leaves are both named "
+                     "'a/b'"):
+    blaq_jax.export(tmp_path / "m.safetensors", params, None)
+
+
+def test_export_refuses_a_dtype_it_cannot_store(tmp_path):
+  with pytest.raises(ExportError, match="Leaf 'c' has dtype complex64, which "
+                     "the export format does not store"):
+    blaq_jax.export(tmp_path / "m.safetensors",
+                    {"c": jnp.ones(2, jnp.complex64)}, None)
+
+
+def test_export_refuses_a_name_that_collides_with_a_quantized_leaf(tmp_path):
+  params = {"w": jnp.array([[0.5, -0.2]]), "w:codes": jnp.zeros(2)}
+  state = blaq_jax.laq(0.1, quantize=lambda p, x: path_str(p) == "w").init(
+      params)
+  params = blaq_jax.quantized_params(params, state)
+  with pytest.raises(ExportError, match="ends in ':codes' or ':alpha'"):
+    blaq_jax.export(tmp_path / "m.safetensors", params, state)
+
+
+def test_load_refuses_a_template_with_two_leaves_of_one_name(exported):
+  like = {"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}}
+  with pytest.raises(ExportError, match="params_like has two leaves with the "
+                     "same path_str name"):
+    blaq_jax.load(exported[0], like)
+
+
 def test_mismatched_params_like(exported):
   path, params, _ = exported
   missing = dict(params, e={"w": jnp.zeros(2)})
