@@ -189,6 +189,13 @@ def test_engine_options_are_in_every_signature():
     blaq_jax.laq(0.1, chanel_axis=-1)
 
 
+def test_preprocess_must_be_a_transform_not_its_factory():
+  # A common slip: the factory optax.clip_by_global_norm, not a transform.
+  with pytest.raises(TypeError, match="laq: preprocess must be an optax "
+                     "GradientTransformation, got <function clip_by_global"):
+    blaq_jax.laq(0.1, preprocess=optax.clip_by_global_norm)
+
+
 @pytest.mark.parametrize("name", ["blaq", "ste"])
 def test_state_can_be_donated_with_diagnostics_on(name):
   # Every state leaf is its own buffer: a step that donates the state runs.

@@ -293,6 +293,8 @@ def test_bad_input_errors():
     blaq_jax.n_spsa(0.01, eps_scale=0.0)
   with pytest.raises(ValueError, match="active"):
     blaq_jax.fogzo(0.01, active=0)
+  with pytest.raises(TypeError, match="seed must be an int, got 1.5"):
+    blaq_jax.fogzo(0.01, seed=1.5)
   with pytest.raises(ValueError, match="scalar"):
     opt.update(grads, opt.init(params), params,
                loss_fn=lambda p: jnp.ones(3) * loss(p))

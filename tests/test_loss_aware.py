@@ -532,3 +532,27 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="another config"):
     blaq_jax.laq(0.1, bits=2).update(g, blaq_jax.laq(0.1).init(params),
                                      params)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: blaq_jax.laq(0.1, level_set="uniform"),
+     r"Unknown level_set 'uniform'; expected one of"),
+    (lambda: blaq_jax.blaq(0.1, blend="average"),
+     r"blend must be one of \('moments', 'lookahead', 'gradients'\), got "
+     "'average'"),
+    (lambda: blaq_jax.blaq(0.1, moments="mean"),
+     "moments must be 'real' or 'blended', got 'mean'"),
+], ids=["level_set", "blend", "moments"])
+def test_unknown_choice_is_named(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_curvature_fn_in_the_transparent_mode_is_refused():
+  params, loss = mlp_problem()
+  opt = blaq_jax.blaq(0.1, opaque=False)
+  state = opt.init(params)
+  curvature = lambda p: jax.tree.map(jnp.ones_like, p)  # noqa: E731
+  with pytest.raises(ValueError, match="curvature_fn is supported in opaque "
+                     "mode only"):
+    opt.update(jax.grad(loss)(params), state, params, curvature_fn=curvature)
