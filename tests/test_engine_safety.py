@@ -196,6 +196,12 @@ def test_preprocess_must_be_a_transform_not_its_factory():
     blaq_jax.laq(0.1, preprocess=optax.clip_by_global_norm)
 
 
+def test_an_unknown_method_name_lists_the_known_ones():
+  from blaq_jax import methods  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"Unknown method 'adam'; known: \["):
+    methods.create("adam", 0.1)
+
+
 @pytest.mark.parametrize("name", ["blaq", "ste"])
 def test_state_can_be_donated_with_diagnostics_on(name):
   # Every state leaf is its own buffer: a step that donates the state runs.

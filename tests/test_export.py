@@ -56,6 +56,12 @@ def test_pack_bits_bad_input():
     packing.unpack_bits(np.zeros(3, np.uint8), 1, 9)
   with pytest.raises(ValueError, match="padding"):
     packing.unpack_bits(np.array([0, 2], np.uint8), 1, 9)
+  with pytest.raises(ValueError, match="packed must be a 1-D uint8 array, got "
+                     "int32"):
+    packing.unpack_bits(np.zeros(2, np.int32), 1, 9)
+  with pytest.raises(ValueError, match=r"3 codes of 1 bits take 1 bytes, got "
+                     r"shape \(3,\)"):
+    packing.unpack_bits_jnp(jnp.zeros(3, jnp.uint8), 1, 3)
 
 
 # ---------------------------------------------------------------- export
@@ -471,6 +477,30 @@ def test_summary_from_state_matches_rule():
   assert from_state == from_rule
   bf16 = {r.name: r for r in from_state.rows}["b/scale"]
   assert bf16.bits == 0 and bf16.packed_bytes == 2 * 7
+
+
+def test_summary_refuses_params_that_lack_quantized_leaves():
+  params = _tree()
+  state = blaq_jax.laq(0.05, quantize=_rule).init(params)
+  del params["a"]
+  with pytest.raises(ValueError, match=r"summary: quantized leaves of "
+                     r"opt_state are missing from params: \['a/kernel'\]"):
+    blaq_jax.summary(params, state, print_fn=None)
+
+
+@pytest.mark.parametrize("count", [0, 2])
+def test_accessors_need_exactly_one_blaq_jax_state(count):
+  params = {"w": jnp.array([[0.5, -0.2]])}
+  opt = optax.chain(*[blaq_jax.laq(0.1) for _ in range(count)],
+                    optax.scale(1.0))
+  with pytest.raises(ValueError, match="Expected exactly one blaq_jax "
+                     f"optimizer state inside opt_state, found {count}"):
+    blaq_jax.latent_params(opt.init(params))
+
+
+def test_schedules_refuse_a_period_below_one():
+  with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+    blaq_jax.every_n_steps(0)
 
 
 # ------------------------------------------------------ whole model state

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import blaq_jax
 from blaq_jax.levels import LevelSet
 from blaq_jax.projection import dequantize, project
 
@@ -75,6 +76,11 @@ def test_level_sets_of_method_md():
 def test_unsupported_bit_width(bad):
   with pytest.raises(ValueError, match="Unsupported bit width"):
     LevelSet("blaq", bad)
+
+
+def test_a_float_bit_width_is_refused():
+  with pytest.raises(TypeError, match="bits must be an int, got 1.0"):
+    blaq_jax.laq(0.1, bits=1.0)
 
 
 def test_linear_needs_two_bits_and_unknown_kind():

@@ -325,6 +325,9 @@ def test_bad_input_errors():
     blaq_jax.ste(0.01, quantizer="uniform", bits=9)
   with pytest.raises(ValueError, match="scale"):
     blaq_jax.ste(0.01, scale="mode")
+  with pytest.raises(TypeError, match="scale must be one of .* or a positive "
+                     "float, got None"):
+    blaq_jax.ste(0.01, scale=None)
   with pytest.raises(ValueError, match="level_set"):
     blaq_jax.ste(0.01, quantizer="uniform", level_set="nf4")
   with pytest.raises(ValueError, match="clip_latent"):
