@@ -20,7 +20,7 @@ from blaq_jax import engine
 from blaq_jax import selection
 from blaq_jax.levels import KINDS, LevelSet, check_bits
 from blaq_jax.projection import BLENDED_SUM_BLOCK, project
-from blaq_jax.state import find_state, cosine, fraction_changed
+from blaq_jax.state import cosine, find_state, fraction_changed
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 Active = Union[int, Callable[[jax.Array], Any]]
