@@ -276,9 +276,9 @@ def test_header_edit_without_checksum_is_detected(tmp_path, exported):
 
 def _rebuild(src, dst, edit):
   """Rewrites an export through ``edit(header, tensors)``, ``tensors`` being
-  ``{name: [dtype, shape, bytes]}``, with every checksum made to match the
-  result, so that only the loader's structural checks can find the change.
-  ``edit`` may return a string: the header's new text, as is."""
+  ``{name: {"dtype", "shape", "data"}}``, with every checksum made to match
+  the result, so that only the loader's structural checks can find the
+  change. ``edit`` may return a string: the header's new text, as is."""
   import hashlib  # pylint: disable=g-import-not-at-top
   sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
   data = pathlib.Path(src).read_bytes()
@@ -286,68 +286,71 @@ def _rebuild(src, dst, edit):
   head = json.loads(data[8:8 + n])
   header = json.loads(head.pop("__metadata__")["blaq_jax"])
   body = data[8 + n:]
-  tensors = {k: [v["dtype"], v["shape"], body[slice(*v["data_offsets"])]]
+  tensors = {k: dict(dtype=v["dtype"], shape=v["shape"],
+                     data=body[slice(*v["data_offsets"])])
              for k, v in head.items()}
   text = edit(header, tensors)
   for name, spec in header["leaves"].items():
     for key, tensor in (("sha256", name), ("codes_sha256", name + ":codes"),
                         ("alpha_sha256", name + ":alpha")):
       if key in spec and tensor in tensors:
-        spec[key] = sha(tensors[tensor][2])
-  text = json.dumps(header, sort_keys=True) if text is None else text
+        spec[key] = sha(tensors[tensor]["data"])
+  if not isinstance(text, str):
+    text = json.dumps(header, sort_keys=True)
   out = {"__metadata__": {"blaq_jax": text,
                           "blaq_jax_sha256": sha(text.encode())}}
   offset = 0
-  for k, (dtype, shape, b) in tensors.items():
-    out[k] = {"dtype": dtype, "shape": shape,
-              "data_offsets": [offset, offset + len(b)]}
-    offset += len(b)
+  for k, t in tensors.items():
+    out[k] = {"dtype": t["dtype"], "shape": t["shape"],
+              "data_offsets": [offset, offset + len(t["data"])]}
+    offset += len(t["data"])
   raw = json.dumps(out).encode()
   raw += b" " * (-len(raw) % 8)
   pathlib.Path(dst).write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(
-      b for _, _, b in tensors.values()))
+      t["data"] for t in tensors.values()))
   return dst
 
 
-def _set(mapping, key, value):
-  mapping[key] = value
+def _set_padding_bit(header, tensors):
+  # 15 one-bit codes in 2 bytes: the top bit of the second is padding.
+  codes = tensors["a/kernel:codes"]
+  codes["data"] = codes["data"][:1] + bytes([codes["data"][1] | 0x80])
 
 
 def _linear_2_bit_codes_of_3(header, tensors):
   # 15 ternary codes (levels 0..2) in 2 bits: every code 3, padding zero.
   header["leaves"]["a/kernel"].update(level_set="linear", bits=2)
-  tensors["a/kernel:codes"][1:] = [[4], b"\xff\xff\xff\x3f"]
+  tensors["a/kernel:codes"].update(shape=[4], data=b"\xff\xff\xff\x3f")
 
 
 # Each edit damages one thing a valid export promises; the checksums match.
 _DAMAGE = {
-    "missing tensor": (lambda h, t: t.pop("a/kernel:alpha") and None,
+    "missing tensor": (lambda h, t: t.pop("a/kernel:alpha"),
                        r"tensor 'a/kernel:alpha' is missing"),
     "unsupported dtype": (
-        lambda h, t: _set(t["a/bias"], 0, "F8_E4M3") or _set(
-            t["a/bias"], 1, [20]),
+        lambda h, t: t["a/bias"].update(dtype="F8_E4M3", shape=[20]),
         "tensor 'a/bias' has unsupported dtype F8_E4M3"),
-    "stored shape": (lambda h, t: _set(t["a/bias"], 1, [5, 1]),
+    "stored shape": (lambda h, t: t["a/bias"].update(shape=[5, 1]),
                      r"leaf 'a/bias' is stored as float32\[5, 1\], the "
                      r"header says float32\[5\]"),
-    "packed size": (lambda h, t: _set(t["a/kernel:codes"], 1, [1]) or _set(
-        t["a/kernel:codes"], 2, t["a/kernel:codes"][2][:1]),
+    "packed size": (lambda h, t: t["a/kernel:codes"].update(
+        shape=[1], data=t["a/kernel:codes"]["data"][:1]),
                     r"leaf 'a/kernel': packed codes have uint8\[1\], "
                     "expected 2 bytes"),
-    "alpha shape": (lambda h, t: _set(t["a/kernel:alpha"], 1, [1]),
+    "alpha shape": (lambda h, t: t["a/kernel:alpha"].update(shape=[1]),
                     r"leaf 'a/kernel': alpha has float32\[1\]"),
-    "padding bits": (lambda h, t: _set(t["a/kernel:codes"], 2, bytes(
-        [t["a/kernel:codes"][2][0], t["a/kernel:codes"][2][1] | 0x80])),
+    "padding bits": (_set_padding_bit,
                      "leaf 'a/kernel': The padding bits after the last code "
                      "are not zero"),
     "code outside the levels": (_linear_2_bit_codes_of_3,
                                 "leaf 'a/kernel': code 3 is outside the 3 "
                                 "levels of"),
-    "header key missing": (lambda h, t: h["leaves"]["a/kernel"].pop("bits")
-                           and None, r"malformed header: KeyError\('bits'\)"),
-    "extra tensor": (lambda h, t: _set(t, "zzz", ["U8", [1], b"\x00"]),
-                     r"tensors not described by the header: \['zzz'\]"),
-    "other format": (lambda h, t: _set(h, "format", "other"),
+    "header key missing": (lambda h, t: h["leaves"]["a/kernel"].pop("bits"),
+                           r"malformed header: KeyError\('bits'\)"),
+    "extra tensor": (
+        lambda h, t: t.update(zzz=dict(dtype="U8", shape=[1], data=b"\0")),
+        r"tensors not described by the header: \['zzz'\]"),
+    "other format": (lambda h, t: h.update(format="other"),
                      r"not a blaq_jax export \(format 'other'\)"),
     "header not JSON": (lambda h, t: "{not json",
                         "corrupt blaq_jax header"),
