@@ -67,8 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from blaq_jax.levels import LevelSet
-from blaq_jax.projection import (encode, expand_scale, project, reduce_axes,
-                                 scale_shape)
+from blaq_jax.projection import (dequantize, encode, expand_scale, project,
+                                 reduce_axes, scale_shape)
 
 SURROGATES = ("identity", "hardtanh", "tanh", "approx_sign")
 
@@ -230,8 +230,7 @@ def _fake_quantize(w, level_set, scale, surrogate, channel_axis, threshold):
   alpha, codes = quantize_latent(w, level_set, scale,
                                  channel_axis=channel_axis,
                                  threshold=threshold)
-  beta = level_set.decode(codes, jnp.float32)
-  return (expand_scale(alpha, w.ndim, channel_axis) * beta).astype(w.dtype)
+  return dequantize(alpha, codes, level_set, channel_axis, w.dtype)
 
 
 def _fake_quantize_fwd(w, level_set, scale, surrogate, channel_axis,
