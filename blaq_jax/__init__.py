@@ -16,13 +16,13 @@ from blaq_jax import methods
 from blaq_jax.levels import LevelSet
 from blaq_jax.nnx_utils import nnx_grad_fn
 from blaq_jax.nnx_utils import nnx_loss_fn
-from blaq_jax.engine import QuantizedLatentState
-from blaq_jax.engine import check_on_level_set
-from blaq_jax.loss_aware import LossAwareState
-from blaq_jax.loss_aware import TrialState
-from blaq_jax.loss_aware import blaq
-from blaq_jax.loss_aware import curvature
-from blaq_jax.loss_aware import laq
+from blaq_jax.alias import blaq
+from blaq_jax.alias import laq
+from blaq_jax.state import LossAwareState
+from blaq_jax.state import QuantizedLatentState
+from blaq_jax.state import TrialState
+from blaq_jax.state import check_on_level_set
+from blaq_jax.state import curvature
 from blaq_jax.projection import project
 from blaq_jax.schedules import every_n_steps
 from blaq_jax.schedules import never
@@ -44,17 +44,17 @@ __version__ = "0.1.0"
 
 # STE family (BinaryConnect, BWN, TWN, generic STE) and quantizers.
 from blaq_jax import quantizers
-from blaq_jax.ste import STEState
-from blaq_jax.ste import binary_connect
-from blaq_jax.ste import bwn
-from blaq_jax.ste import ste
-from blaq_jax.ste import twn
+from blaq_jax.alias import binary_connect
+from blaq_jax.alias import bwn
+from blaq_jax.alias import ste
+from blaq_jax.alias import twn
+from blaq_jax.state import STEState
 
 # FOGZO and n-SPSA.
-from blaq_jax.fogzo import FOGZOState
-from blaq_jax.fogzo import fogzo
+from blaq_jax.alias import fogzo
+from blaq_jax.alias import n_spsa
 from blaq_jax.fogzo import fogzo_gradient
-from blaq_jax.fogzo import n_spsa
+from blaq_jax.state import FOGZOState
 
 # Packed low-bit export, loading and size summary.
 from blaq_jax.export import export, load, read_export

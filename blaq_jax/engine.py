@@ -22,8 +22,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -33,62 +31,9 @@ import optax
 
 from blaq_jax import parallel
 from blaq_jax import selection
-from blaq_jax.state import (Diagnostics, LeafScale, QuantizedTensor, StepCost,
-                            cosine, fraction_changed, init_diagnostics,
-                            make_cost, quantized_tensors)
-
-MASK = optax.MaskedNode()
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["paths", "shapes", "level_sets"])
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """The params a state was made for (static): names a changed leaf."""
-
-  paths: tuple
-  shapes: tuple
-  level_sets: tuple
-
-
-class DiagnosticsState(NamedTuple):
-  """Opt-in diagnostics (``diagnostics=True``).
-
-  Attributes:
-    stats: :class:`~blaq_jax.state.Diagnostics` of the last step.
-    prev_update: the last latent update of quantized leaves.
-  """
-
-  stats: Diagnostics
-  prev_update: Any
-
-
-class QuantizedLatentState(NamedTuple):
-  """State of every quantizing transform of blaq_jax.
-
-  Attributes:
-    count: number of completed steps, int32.
-    latent: latent weights ``w`` (MaskedNode at full-precision leaves).
-    quantized: :class:`~blaq_jax.state.LeafScale` of ``q_t`` at quantized
-      leaves (MaskedNode elsewhere); its codes follow from ``latent``.
-    rule: the method's own state (Adam moments for LAQ/BLAQ, ...).
-    preprocess: state of the ``preprocess`` transform.
-    skipped_steps: steps skipped because a gradient was not finite, int32.
-    cost: :class:`~blaq_jax.state.StepCost` of the last step.
-    diagnostics: :class:`DiagnosticsState` with ``diagnostics=True``, else
-      ``optax.EmptyState()``.
-    layout: :class:`Layout` (static).
-  """
-
-  count: jax.Array
-  latent: Any
-  quantized: Any
-  rule: Any
-  preprocess: Any
-  skipped_steps: jax.Array
-  cost: StepCost
-  diagnostics: Any
-  layout: Layout
+from blaq_jax.state import (MASK, DiagnosticsState, Layout, LeafScale,
+                            QuantizedLatentState, cosine, fraction_changed,
+                            init_diagnostics, make_cost)
 
 
 class Step(NamedTuple):
@@ -132,8 +77,8 @@ class Context(NamedTuple):
       extra keyword arguments.
     grads, latent: float32 gradients (after ``preprocess``) and latent
       weights (params at full-precision leaves) of every leaf.
-    quantized, is_quantized: :class:`QuantizedTensor` (None at full
-      precision) and bool per leaf.
+    quantized, is_quantized: :class:`~blaq_jax.state.QuantizedTensor`
+      (None at full precision) and bool per leaf.
     diagnostics, last_stats: whether the diagnostics are on; the last
       step's :class:`~blaq_jax.state.Diagnostics` (None when off).
     project: ``(latent list, weight list or None, rounds=None) ->
@@ -183,63 +128,6 @@ class Rule(NamedTuple):
   project: Callable
   needs: tuple = ()
   fixed_rounds: bool = False
-
-
-# Options every quantizing method takes, with their defaults; DROP removes one.
-OPTIONS = dict(quantize=None, channel_axis=None, clip_latent=None,
-               preprocess=None, diagnostics=False, batch_axis_name=None,
-               tol=None, max_iter=None)
-DROP = object()
-
-
-def with_options(**overrides):
-  """Gives a method factory the engine's options as keyword-only arguments.
-
-  The factory takes its own arguments and ``**options``; the signature that
-  ``inspect``, ``optax.inject_hyperparams`` and the docs see lists both.
-  ``overrides`` change or add a default, or remove an option (value
-  ``DROP``: ``bc`` has no ``channel_axis``). Unknown keywords are refused.
-  """
-  defaults = {k: v for k, v in {**OPTIONS, **overrides}.items()
-              if v is not DROP}
-
-  def wrap(factory):
-    sig = inspect.signature(factory)
-    sig = sig.replace(parameters=[
-        p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD] + [
-            inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
-            for k, v in defaults.items()])
-
-    @functools.wraps(factory)
-    def call(*args, **kwargs):
-      bad = set(kwargs) - set(sig.parameters)
-      if bad:
-        raise TypeError(f"{factory.__name__}() got unexpected keyword "
-                        f"argument(s) {sorted(bad)}.")
-      opts = {k: kwargs.pop(k, v) for k, v in defaults.items()}
-      return factory(*args, **kwargs, **opts)
-
-    factory.__signature__ = call.__signature__ = sig
-    return call
-
-  return wrap
-
-
-def check_unit_interval(name, value):
-  """Raises ValueError unless a static ``value`` is a scalar in [0, 1]."""
-  if not (callable(value) or isinstance(value, jax.core.Tracer)) and (
-      np.ndim(value) != 0 or not 0.0 <= float(value) <= 1.0):
-    raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
-
-
-def check_active(active):
-  """Raises ValueError unless ``active`` is a period >= 1 or a callable."""
-  if isinstance(active, (bool, np.bool_)) or not (
-      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
-      or (isinstance(active, (int, np.integer)) and active >= 1)):
-    raise ValueError(
-        "active must be a positive int period (1 = every step) or a callable "
-        f"step -> bool, got {active!r}.")
 
 
 def is_active(active, count):
@@ -519,36 +407,3 @@ NEEDS_MESSAGES = {
 }
 
 
-def check_on_level_set(params, opt_state, *, ulps: float = 4.0) -> None:
-  """Raises ValueError unless ``params`` are the state's quantized weights.
-
-  Cheap (one comparison per quantized leaf, outside ``jit``). Fails when a
-  transform after the quantizer moved the params off the level set, or when
-  params and state come from different runs. ``ulps``: the tolerance
-  relative to ``|q|`` (the emitted ``q - params`` lands within a few ulps).
-
-  Example:
-    >>> import jax.numpy as jnp, optax, blaq_jax
-    >>> params = {"kernel": jnp.array([[0.3, -0.1], [0.2, -0.4]])}
-    >>> state = blaq_jax.laq(1e-3).init(params)
-    >>> blaq_jax.check_on_level_set(params, state)
-    Traceback (most recent call last):
-    ...
-    ValueError: params leaf 'kernel' is off the optimizer's level set by up to 0.15 ...
-  """
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  qts = selection.pure_structure(params).flatten_up_to(
-      quantized_tensors(opt_state))
-  for (path, p), t in zip(flat, qts):
-    if not isinstance(t, QuantizedTensor):
-      continue
-    q = np.asarray(t.dequantize(jnp.float32))
-    err = np.abs(np.asarray(p, np.float32) - q)
-    if not np.all(err <= ulps * np.finfo(np.float32).eps * np.maximum(
-        np.abs(q), 1e-30)):
-      raise ValueError(
-          f"params leaf '{selection.path_str(path)}' is off the optimizer's "
-          f"level set by up to {float(err.max()):.3g} (expected alpha * beta"
-          " of the state). Is a transform chained after the quantizer? It "
-          "must be the last one; put gradient transforms in its preprocess "
-          "argument. Or do params and state come from different runs?")

@@ -1,15 +1,15 @@
-"""LAQ and BLAQ: loss-aware weight quantization as Optax transforms.
+"""LAQ and BLAQ: the loss-aware rule of the engine (:mod:`blaq_jax.engine`).
 
-One rule of the engine (:mod:`blaq_jax.engine`): Adam's step of the latent
-weights and a projection weighted by the curvature ``D``; BLAQ adds a trial
-step and a backtrack (:func:`blaq`). The math, BLAQ's three readings and
-how LAQ relates to the STE: ``docs/methods.rst``.
+Adam's step of the latent weights and a projection weighted by the curvature
+``D``; BLAQ adds a trial step and a backtrack, Algorithm 1 of its paper's
+appendix (``algorithm_1`` in :func:`rule`). The transforms are
+:func:`blaq_jax.laq` and :func:`blaq_jax.blaq`; the math, BLAQ's three
+readings and how LAQ relates to the STE: ``docs/methods.rst``.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,71 +18,20 @@ import optax
 
 from blaq_jax import engine
 from blaq_jax import selection
-from blaq_jax.levels import KINDS, LevelSet, check_bits
+from blaq_jax.levels import LevelSet
 from blaq_jax.projection import BLENDED_SUM_BLOCK, project
-from blaq_jax.state import cosine, find_state, fraction_changed
+from blaq_jax.state import (MASK, LossAwareState, TrialState, cosine,
+                            fraction_changed)
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
-Active = Union[int, Callable[[jax.Array], Any]]
 BLENDS = ("moments", "lookahead", "gradients")
-MASK = optax.MaskedNode()
 
 
-class TrialState(NamedTuple):
-  """BLAQ's trial (one-step-forward) state.
-
-  Attributes:
-    pending: transparent mode: True after a call that moved the params to
-      the trial point ``q*``; the next call brings ``g*`` (else False).
-    real_grad: transparent mode: the real gradient ``g_t`` of quantized
-      leaves, kept for that second call (else MaskedNode).
-    trial_latent, trial_grad: ``w*`` and ``g*`` of the last active step at
-      quantized leaves (with ``keep_trial=True``, else MaskedNode).
-  """
-
-  pending: jax.Array
-  real_grad: Any
-  trial_latent: Any
-  trial_grad: Any
-
-
-class LossAwareState(NamedTuple):
-  """The rule state of :func:`laq` and :func:`blaq` (field ``rule`` of
-  :class:`~blaq_jax.engine.QuantizedLatentState`).
-
-  Attributes:
-    mu: Adam first moments of every leaf (at quantized leaves, of the
-      gradient w.r.t. ``q``).
-    sqrt_nu: ``sqrt(v)`` of Adam's second moments (roots, so that the
-      projection's ``D``-weighted sums run no square root).
-    trial: :class:`TrialState` (``optax.EmptyState()`` for LAQ).
-
-  ``D`` is not stored: :func:`curvature` computes it.
-  """
-
-  mu: Any
-  sqrt_nu: Any
-  trial: Any
-
-
-def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
-              eps: float = 1e-8):
-  """The diagonal curvature ``D = (eps + sqrt(v_hat)) / eta`` of the state.
-
-  Uses the stored ``sqrt_nu`` and count; ``b2``/``eps`` must be those of
-  the transform. Returned for every leaf.
-  """
-  count = find_state(opt_state, "count")
-  sqrt_nu = optax.tree.get(opt_state, "sqrt_nu")
-  lr = learning_rate(count) if callable(learning_rate) else learning_rate
-  c = jax.lax.rsqrt(1 - b2 ** count.astype(jnp.float32))
-  return jax.tree.map(lambda s: (eps + s * c) / lr, sqrt_nu)
-
-
-def _rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
-          blend="moments", moments="real", opaque=True, keep_trial=False,
-          trial_rounds=None):
-  """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ."""
+def rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
+         blend="moments", moments="real", opaque=True, keep_trial=False,
+         trial_rounds=None):
+  """The :class:`~blaq_jax.engine.Rule` of LAQ (``trial=False``) and BLAQ,
+  for arguments :func:`blaq_jax.blaq` has checked (its docstring says what
+  they mean)."""
   # A static a = 1 gives g* no weight in these readings: every step is LAQ's,
   # so no trial is traced (as on inactive steps) and no gradient is wasted.
   a_is_one = (blend != "gradients" and isinstance(a, (int, float, np.number))
@@ -365,194 +314,8 @@ def _project(w, d, level_set, prev, **options):
   return alpha, None
 
 
-def _level_sets(level_set, bits, b1, b2):
-  """Checks the arguments LAQ and BLAQ share; their level sets per leaf."""
-  bits = check_bits(bits, level_set if level_set in KINDS else "blaq")
-  if level_set not in KINDS:
-    raise ValueError(f"Unknown level_set {level_set!r}; expected one of "
-                     f"{KINDS}.")
-  for name, value in (("b1", b1), ("b2", b2)):
-    engine.check_unit_interval(name, value)
+def level_sets(level_set, bits):
+  """``(params, quantize) -> [LevelSet or None per leaf]`` of LAQ and BLAQ."""
   return lambda params, quantize: [
       LevelSet(level_set, b) if b else None
       for b in selection.resolve_bits(params, quantize, bits, level_set)]
-
-
-@engine.with_options()
-def laq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
-        level_set: str = "blaq", b1: float = 0.9, b2: float = 0.999,
-        eps: float = 1e-8, **options) -> optax.GradientTransformationExtraArgs:
-  """Loss-aware weight quantization (LAB / LAQ, Hou et al. 2017, 2018).
-
-  .. math::
-
-    w_{t+1} = w_t - \\eta_t \\frac{\\hat m_t}{\\epsilon + \\sqrt{\\hat v_t}},
-    \\qquad q_{t+1} = \\operatorname{proj}_{D_t}(w_{t+1}),
-    \\qquad D_t = (\\epsilon + \\sqrt{\\hat v_t}) / \\eta_t .
-
-  The transform receives the gradient at the quantized weights and emits
-  ``q_{t+1} - params``. It is :func:`blaq` without the trial stage.
-
-  Args:
-    learning_rate: float or Optax schedule ``eta_t``.
-    bits: default bit width of quantized leaves (1..8).
-    level_set: ``"blaq"`` (the BLAQ paper's set without zero, default),
-      ``"linear"`` (with zero; 2 bits = ternary) or ``"log"``; see
-      :mod:`blaq_jax.levels`.
-    b1, b2, eps: Adam's hyper-parameters (also for full-precision leaves).
-    **options: the engine's options (``quantize``, ``channel_axis``,
-      ``clip_latent``, ``preprocess``, ``diagnostics``, ``batch_axis_name``,
-      ``tol``, ``max_iter``): :func:`blaq_jax.engine.quantized_latent`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-    ``(grads, state, params)`` and optionally ``curvature_fn(params) -> tree``
-    to replace Adam's ``D`` by a user-supplied diagonal curvature.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, blaq_jax
-    >>> params = {"kernel": jnp.array([[0.5, -0.2], [0.1, 0.4]])}
-    >>> loss = lambda p: jnp.sum((p["kernel"] - 0.3) ** 2)
-    >>> opt = blaq_jax.laq(0.01)
-    >>> state = opt.init(params)
-    >>> grads = jax.grad(loss)(params)
-    >>> updates, state = opt.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> jnp.unique(jnp.abs(params["kernel"])).size  # one scale, two signs
-    1
-  """
-  sets = _level_sets(level_set, bits, b1, b2)
-  return engine.quantized_latent(
-      _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=False), sets,
-      who="laq", **options)
-
-
-@engine.with_options()
-def blaq(learning_rate: ScalarOrSchedule, *, bits: int = 1,
-         a: ScalarOrSchedule = 0.6, active: Active = 1,
-         blend: str = "lookahead", level_set: str = "blaq", b1: float = 0.9,
-         b2: float = 0.999, eps: float = 1e-8, opaque: bool = True,
-         moments: str = "real", keep_trial: bool = False,
-         trial_rounds: Optional[int] = None,
-         **options) -> optax.GradientTransformationExtraArgs:
-  """BLAQ: LAQ with a one-step-forward trial and backtrack (Ma et al. 2024).
-
-  One active step, numbered as Algorithm 1 of the paper's appendix:
-
-  .. math::
-
-    &\\text{13-15: } m_t, v_t \\text{ from } g_t,\\quad
-      D_t = (\\epsilon + \\sqrt{\\hat v_t}) / \\eta \\\\
-    &\\text{16: } w^* = w_t - \\hat m_t / D_t,\\quad
-      q^* = \\operatorname{proj}_{D_t}(w^*) \\\\
-    &\\text{17-20: } g^* = \\nabla \\ell(q^*) \\text{ on the same minibatch} \\\\
-    &\\text{21: } d = \\text{the blend of the reading (below)} \\\\
-    &\\text{22: } m^* = b_1 m_t + (1-b_1) g^*,\\ v^* = b_2 v_t + (1-b_2)
-      g^{*2} \\text{ (corrected at } t+1),\\ D^* \\\\
-    &\\text{23: } \\bar D = a D_t + (1 - a) D^* \\\\
-    &\\text{24: } w_{t+1} = w_t - d / \\bar D,\\quad
-      q_{t+1} = \\operatorname{proj}_{\\bar D}(w_{t+1})
-
-  The paper does not say what its ``g_hat`` is; ``blend`` picks the reading
-  of line 21 (:ref:`blaq-readings`):
-
-  ===============  ====================================  ==================
-  ``blend``        ``d``                                 weight of ``g*``
-  ===============  ====================================  ==================
-  ``"lookahead"``  ``a m_hat_t + (1-a) g*`` (default)    ``1-a``
-  ``"moments"``    ``a m_hat_t + (1-a) m_hat*``          ``(1-a)(1-b1)``
-  ``"gradients"``  ``a g_t + (1-a) g*`` (no momentum)    ``1-a``
-  ===============  ====================================  ==================
-
-  With ``b1 = 0`` the three coincide. ``"lookahead"`` is the default: it did
-  best on real networks (the paired-seed regime map,
-  ``experiments/README.md``). With ``a = 1`` (``"moments"``,
-  ``"lookahead"``), or on steps where ``active`` is false, the update is
-  exactly :func:`laq`'s; a constant ``a = 1`` takes no trial gradient (an
-  ``a`` schedule at 1 does, and at 2 bits its scale is one round further
-  than LAQ's: next paragraph).
-  Theorem 2 of the paper: BLAQ converges faster than LAQ for
-  ``2 / (L eta) - 1 < a < 1``. Full-precision leaves take Adam's step.
-
-  Where the projection runs fixed rounds (2 bits by default), an active
-  step in the opaque mode with a static ``active`` starts the real
-  projection ``q_{t+1}`` from the trial's scale, not the last step's, and
-  runs one round fewer (at least one): ``w*`` and ``w_{t+1}`` are both one
-  step from ``w_t``. Over an MNIST run this saves one of the four rounds
-  and leaves a mean relative excess D-weighted error at ``q_{t+1}`` of
-  4.6e-7, max 4.8e-5 (2 rounds from the last scale: 2.5e-7, max 7.1e-5;
-  ``experiments/results/one_pass_projection/``). A traced schedule
-  (``lax.cond``) and the transparent mode start from the last scale.
-
-  Args:
-    learning_rate: float or Optax schedule.
-    bits, level_set, b1, b2, eps: as in :func:`laq`.
-    a: blend weight of the real step in ``[0, 1]`` (float or schedule of the
-      step count). Paper: 0.6 (MNIST, SVHN, CIFAR-10), 0.9 (ImageNet).
-    active: when to run the two-stage update: an int period in steps
-      (``1`` = every step) or a callable ``step -> bool`` such as
-      :func:`blaq_jax.one_epoch_every` (the paper's "one epoch out of every
-      m"). On inactive steps no trial gradient is computed.
-    blend: the reading of line 21: ``"lookahead"`` (default),
-      ``"moments"`` or ``"gradients"`` (table above).
-    opaque: ``True``: ``update(grads, state, params, *, grad_fn)`` calls
-      ``grad_fn(trial_params) -> grads`` (same minibatch) inside the step.
-      ``False`` (transparent): an active step takes two ``update`` calls, the
-      first moving the params to ``q*``, the second given the gradient there;
-      a loop feeding a new minibatch each call then takes ``g*`` on the next
-      minibatch (and BatchNorm statistics at ``q*``): the opaque mode follows
-      the paper exactly.
-    moments: what the next step inherits: ``"real"`` (default; the moments
-      of the real gradient, the trial is a look-ahead only) or ``"blended"``
-      (``a m_t + (1-a) m*`` and likewise ``v``).
-    keep_trial: also store ``w*`` and ``g*`` of the last active step in the
-      state (two full-size buffers per quantized leaf).
-    trial_rounds: ``None`` (default): the trial point's projection ``q*``
-      runs the real step's rounds (the real projection then continues from
-      its scale, above). An int: that many rounds where the
-      projection runs fixed rounds (by default at 2 bits; converging ones,
-      above 2 bits or with ``tol > 0``, converge at ``q*`` too). ``q*`` only
-      locates ``g*``: ``1`` saves one more of the active 2-bit step's
-      rounds and leaves a mean relative excess D-weighted error at ``q*`` of
-      1.3e-6 (max 1.9e-4; 2 rounds: 4.7e-7, max 7.5e-5) over an MNIST run
-      (``experiments/results/projection_error.md``).
-    **options: the engine's options (:func:`laq`); ``preprocess`` also
-      reaches the trial gradient, and under ``pmap``/``shard_map``
-      ``batch_axis_name`` averages the trial gradient like the main one.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, blaq_jax
-    >>> target = jnp.array([[0.3, -0.2], [0.25, -0.35]])
-    >>> loss = lambda p: jnp.sum((p["kernel"] - target) ** 2)
-    >>> params = {"kernel": jnp.array([[0.1, 0.1], [-0.1, 0.1]])}
-    >>> opt = blaq_jax.blaq(0.05, a=0.6, blend="lookahead")
-    >>> state = opt.init(params)
-    >>> for _ in range(100):
-    ...   grads = jax.grad(loss)(params)
-    ...   updates, state = opt.update(grads, state, params,
-    ...                               grad_fn=jax.grad(loss))
-    ...   params = optax.apply_updates(params, updates)
-    >>> jnp.sign(params["kernel"]).tolist()
-    [[1.0, -1.0], [1.0, -1.0]]
-  """
-  sets = _level_sets(level_set, bits, b1, b2)
-  engine.check_unit_interval("a", a)
-  engine.check_active(active)
-  if blend not in BLENDS:
-    raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}.")
-  if moments not in ("real", "blended"):
-    raise ValueError(f"moments must be 'real' or 'blended', got {moments!r}.")
-  if trial_rounds is not None and (
-      isinstance(trial_rounds, (bool, np.bool_))
-      or not isinstance(trial_rounds, (int, np.integer)) or trial_rounds < 1):
-    raise ValueError(
-        f"trial_rounds must be None or a static int >= 1, got "
-        f"{trial_rounds!r} (under optax.inject_hyperparams pass it in "
-        "static_args).")
-  rule = _rule(learning_rate, b1=b1, b2=b2, eps=eps, trial=True, a=a,
-               active=active, blend=blend, moments=moments, opaque=opaque,
-               keep_trial=keep_trial, trial_rounds=trial_rounds)
-  return engine.quantized_latent(rule, sets, who="blaq", **options)

@@ -18,9 +18,7 @@ from typing import Callable, Dict
 
 import optax
 
-from blaq_jax import fogzo as _fogzo
-from blaq_jax import loss_aware
-from blaq_jax import ste as _ste
+from blaq_jax import alias
 
 
 def _fp(learning_rate, **kwargs):
@@ -32,8 +30,8 @@ def _fp(learning_rate, **kwargs):
 
 METHODS: Dict[str, Callable[..., optax.GradientTransformation]] = {
     "fp": _fp,
-    "laq": loss_aware.laq,
-    "blaq": loss_aware.blaq,
+    "laq": alias.laq,
+    "blaq": alias.blaq,
 }
 
 # Which extra keyword arguments of ``update`` each method needs.
@@ -47,15 +45,15 @@ def create(name: str, learning_rate, **kwargs):
   return METHODS[name](learning_rate, **kwargs)
 
 
-# STE family and zeroth-order baselines (blaq_jax.ste, blaq_jax.fogzo).
+# STE family and zeroth-order baselines.
 
 METHODS.update({
-    "bc": _ste.binary_connect,
-    "bwn": _ste.bwn,
-    "twn": _ste.twn,
-    "ste": _ste.ste,
-    "fogzo": _fogzo.fogzo,
-    "n_spsa": _fogzo.n_spsa,
+    "bc": alias.binary_connect,
+    "bwn": alias.bwn,
+    "twn": alias.twn,
+    "ste": alias.ste,
+    "fogzo": alias.fogzo,
+    "n_spsa": alias.n_spsa,
 })
 NEEDS.update({"bc": (), "bwn": (), "twn": (), "ste": (),
               "fogzo": ("loss_fn",), "n_spsa": ("loss_fn",)})

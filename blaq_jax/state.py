@@ -3,8 +3,11 @@
 The model only ever sees the quantized weights ``q = alpha * beta``. Everything
 else lives in the optimizer state:
 
-* the latent full-precision weights ``w`` (``latent``), Adam moments, and the
-  diagnostics, in the NamedTuple of each transform.
+* :class:`QuantizedLatentState`, the state of every quantizing transform:
+  the latent full-precision weights ``w`` (``latent``), the scales, the
+  method's own state (``rule``: :class:`LossAwareState` for LAQ and BLAQ,
+  :class:`STEState` for the STE family, FOGZO and n-SPSA) and the opt-in
+  diagnostics.
 * :class:`LeafScale`: the scale(s) ``alpha`` of one quantized leaf, with its
   level set and scale granularity as static metadata. The codes follow from
   ``w`` and ``alpha`` and are stored only where a step reads the last ones
@@ -34,12 +37,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from blaq_jax.arguments import ScalarOrSchedule
 from blaq_jax.levels import LevelSet
 from blaq_jax import selection
 from blaq_jax.projection import (alpha_times, dequantize, encode,
@@ -307,3 +313,179 @@ def quantized_params(params, opt_state):
 
 def is_masked(x) -> bool:
   return isinstance(x, optax.MaskedNode)
+
+
+# The layouts of the transforms' states: the engine's, and each rule's.
+
+MASK = optax.MaskedNode()
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["paths", "shapes", "level_sets"])
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The params a state was made for (static): names a changed leaf."""
+
+  paths: tuple
+  shapes: tuple
+  level_sets: tuple
+
+
+class DiagnosticsState(NamedTuple):
+  """Opt-in diagnostics (``diagnostics=True``).
+
+  Attributes:
+    stats: :class:`Diagnostics` of the last step.
+    prev_update: the last latent update of quantized leaves.
+  """
+
+  stats: Diagnostics
+  prev_update: Any
+
+
+class QuantizedLatentState(NamedTuple):
+  """State of every quantizing transform of blaq_jax.
+
+  Attributes:
+    count: number of completed steps, int32.
+    latent: latent weights ``w`` (MaskedNode at full-precision leaves).
+    quantized: :class:`LeafScale` of ``q_t`` at quantized
+      leaves (MaskedNode elsewhere); its codes follow from ``latent``.
+    rule: the method's own state (Adam moments for LAQ/BLAQ, ...).
+    preprocess: state of the ``preprocess`` transform.
+    skipped_steps: steps skipped because a gradient was not finite, int32.
+    cost: :class:`StepCost` of the last step.
+    diagnostics: :class:`DiagnosticsState` with ``diagnostics=True``, else
+      ``optax.EmptyState()``.
+    layout: :class:`Layout` (static).
+  """
+
+  count: jax.Array
+  latent: Any
+  quantized: Any
+  rule: Any
+  preprocess: Any
+  skipped_steps: jax.Array
+  cost: StepCost
+  diagnostics: Any
+  layout: Layout
+
+
+class TrialState(NamedTuple):
+  """BLAQ's trial (one-step-forward) state.
+
+  Attributes:
+    pending: transparent mode: True after a call that moved the params to
+      the trial point ``q*``; the next call brings ``g*`` (else False).
+    real_grad: transparent mode: the real gradient ``g_t`` of quantized
+      leaves, kept for that second call (else MaskedNode).
+    trial_latent, trial_grad: ``w*`` and ``g*`` of the last active step at
+      quantized leaves (with ``keep_trial=True``, else MaskedNode).
+  """
+
+  pending: jax.Array
+  real_grad: Any
+  trial_latent: Any
+  trial_grad: Any
+
+
+class LossAwareState(NamedTuple):
+  """The rule state of :func:`laq` and :func:`blaq` (field ``rule`` of
+  :class:`QuantizedLatentState`).
+
+  Attributes:
+    mu: Adam first moments of every leaf (at quantized leaves, of the
+      gradient w.r.t. ``q``).
+    sqrt_nu: ``sqrt(v)`` of Adam's second moments (roots, so that the
+      projection's ``D``-weighted sums run no square root).
+    trial: :class:`TrialState` (``optax.EmptyState()`` for LAQ).
+
+  ``D`` is not stored: :func:`curvature` computes it.
+  """
+
+  mu: Any
+  sqrt_nu: Any
+  trial: Any
+
+
+class STEState(NamedTuple):
+  """The rule state of the STE family, FOGZO and n-SPSA.
+
+  Attributes:
+    inner: state of the inner Optax optimizer (its params: the latent weights
+      at quantized leaves, the params elsewhere).
+    estimator: :class:`FOGZOState`, or ``optax.EmptyState()``
+      for plain STE.
+  """
+
+  inner: Any
+  estimator: Any
+
+
+class FOGZOState(NamedTuple):
+  """State of the estimator of :func:`fogzo` / :func:`n_spsa`.
+
+  Attributes:
+    key: the PRNG key (``jax.random.PRNGKey`` data), split once per step.
+    active: whether the last step used the zeroth-order estimate.
+    beta: ``beta`` of the last step.
+    finite_difference: mean of ``|L(w + eps v) - L(w - eps v)| / 2`` over
+      the directions of the last step (0 on inactive steps).
+    grad_cosine: cosine between the gradient given to the inner optimizer
+      and the STE gradient, quantized leaves together (1 on STE steps).
+  """
+
+  key: jax.Array
+  active: jax.Array
+  beta: jax.Array
+  finite_difference: jax.Array
+  grad_cosine: jax.Array
+
+
+def curvature(opt_state, learning_rate: ScalarOrSchedule, *, b2: float = 0.999,
+              eps: float = 1e-8):
+  """The diagonal curvature ``D = (eps + sqrt(v_hat)) / eta`` of the state.
+
+  Uses the stored ``sqrt_nu`` and count; ``b2``/``eps`` must be those of
+  the transform. Returned for every leaf.
+  """
+  count = find_state(opt_state, "count")
+  sqrt_nu = optax.tree.get(opt_state, "sqrt_nu")
+  lr = learning_rate(count) if callable(learning_rate) else learning_rate
+  c = jax.lax.rsqrt(1 - b2 ** count.astype(jnp.float32))
+  return jax.tree.map(lambda s: (eps + s * c) / lr, sqrt_nu)
+
+
+def check_on_level_set(params, opt_state, *, ulps: float = 4.0) -> None:
+  """Raises ValueError unless ``params`` are the state's quantized weights.
+
+  Cheap (one comparison per quantized leaf, outside ``jit``). Fails when a
+  transform after the quantizer moved the params off the level set, or when
+  params and state come from different runs. ``ulps``: the tolerance
+  relative to ``|q|`` (the emitted ``q - params`` lands within a few ulps).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, blaq_jax
+    >>> params = {"kernel": jnp.array([[0.3, -0.1], [0.2, -0.4]])}
+    >>> state = blaq_jax.laq(1e-3).init(params)
+    >>> blaq_jax.check_on_level_set(params, state)
+    Traceback (most recent call last):
+    ...
+    ValueError: params leaf 'kernel' is off the optimizer's level set by up to 0.15 ...
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  qts = selection.pure_structure(params).flatten_up_to(
+      quantized_tensors(opt_state))
+  for (path, p), t in zip(flat, qts):
+    if not isinstance(t, QuantizedTensor):
+      continue
+    q = np.asarray(t.dequantize(jnp.float32))
+    err = np.abs(np.asarray(p, np.float32) - q)
+    if not np.all(err <= ulps * np.finfo(np.float32).eps * np.maximum(
+        np.abs(q), 1e-30)):
+      raise ValueError(
+          f"params leaf '{selection.path_str(path)}' is off the optimizer's "
+          f"level set by up to {float(err.max()):.3g} (expected alpha * beta"
+          " of the state). Is a transform chained after the quantizer? It "
+          "must be the last one; put gradient transforms in its preprocess "
+          "argument. Or do params and state come from different runs?")
