@@ -13,6 +13,7 @@ import inspect
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -22,9 +23,10 @@ from blaq_jax import loss_aware
 from blaq_jax import quantizers
 from blaq_jax import ste as ste_rule
 from blaq_jax.arguments import (DROP, OPTIONS, Active, ScalarOrSchedule,
-                                check_active, check_unit_interval,
-                                static_int, with_options)
+                                check_unit_interval, static_int,
+                                with_options)
 from blaq_jax.levels import KINDS, check_bits
+from blaq_jax.schedules import check_active
 
 QUANTIZERS = ("sign", "ternary", "uniform")
 
@@ -250,12 +252,55 @@ def _straight_through(learning_rate, *, optimizer=None, quantizer="sign",
   if optimizer is None:
     if learning_rate is None:
       raise ValueError(f"{who}: give a learning_rate or an optimizer.")
-    optimizer = ste_rule.guarded_adam(learning_rate)
+    optimizer = guarded_adam(learning_rate)
   rule = ste_rule.rule(optimizer, surrogate=surrogate, scale=scale,
                        threshold=threshold, estimator=estimator,
                        guarded=guarded)
   return engine.quantized_latent(rule, ste_rule.level_sets(bits, kind),
                                  who=who, **options)
+
+
+def guarded_adam(learning_rate: ScalarOrSchedule, b1: float = 0.9,
+                 b2: float = 0.999, eps: float = 1e-8
+                 ) -> optax.GradientTransformationExtraArgs:
+  """``optax.adam`` whose ``update`` also takes ``finite``: the state is kept
+  when it is False, and the new moments are written once before the step
+  reads them. Same state and arithmetic as ``optax.adam``; the default inner
+  optimizer of the STE family (the engine then need not select the state
+  again, which made XLA copy the donated moments).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> opt = guarded_adam(0.1)
+    >>> u, state = opt.update({"w": jnp.array([0.5, jnp.nan])},
+    ...                       opt.init(params), params, finite=False)
+    >>> int(optax.tree.get(state, "count")), u["w"].tolist()
+    (0, [0.0, 0.0])
+  """
+  base = optax.adam(learning_rate, b1, b2, eps)
+
+  def update(updates, state, params=None, *, finite=True, **extra):
+    del params, extra
+    adam, schedule = state
+    mu = optax.tree.update_moment(updates, adam.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, adam.nu, b2, 2)
+    count = optax.safe_increment(adam.count)
+    new = (optax.ScaleByAdamState(count, mu, nu), schedule)
+    lr = learning_rate
+    if callable(learning_rate):
+      lr = learning_rate(schedule.count)
+      new = (new[0], optax.ScaleByScheduleState(
+          optax.safe_increment(schedule.count)))
+    new = jax.lax.optimization_barrier(optax.tree.where(finite, new, state))
+    mu, nu, count = new[0].mu, new[0].nu, new[0].count
+    step = jax.tree.map(
+        lambda m, v: -lr * (m / (jnp.sqrt(v) + eps)),
+        optax.tree.bias_correction(mu, b1, count),
+        optax.tree.bias_correction(nu, b2, count))
+    return jax.tree.map(lambda x: jnp.where(finite, x, 0), step), new
+
+  return optax.GradientTransformationExtraArgs(base.init, update)
 
 
 @with_options()

@@ -74,16 +74,6 @@ def check_unit_interval(name, value):
     raise ValueError(f"{name} must be a scalar in [0, 1], got {value!r}.")
 
 
-def check_active(active):
-  """Raises ValueError unless ``active`` is a period >= 1 or a callable."""
-  if isinstance(active, (bool, np.bool_)) or not (
-      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
-      or (isinstance(active, (int, np.integer)) and active >= 1)):
-    raise ValueError(
-        "active must be a positive int period (1 = every step) or a callable "
-        f"step -> bool, got {active!r}.")
-
-
 def static_int(name, value, low):
   """``value`` as an int >= ``low``; TypeError for a traced value."""
   if isinstance(value, (jax.Array, jax.core.Tracer)):

@@ -32,8 +32,8 @@ import optax
 from blaq_jax import parallel
 from blaq_jax import selection
 from blaq_jax.state import (MASK, DiagnosticsState, Layout, LeafScale,
-                            QuantizedLatentState, cosine, fraction_changed,
-                            init_diagnostics, make_cost)
+                            QuantizedLatentState, check_state, cosine,
+                            fraction_changed, init_diagnostics, make_cost)
 
 
 class Step(NamedTuple):
@@ -130,24 +130,6 @@ class Rule(NamedTuple):
   fixed_rounds: bool = False
 
 
-def is_active(active, count):
-  """Whether an optional stage runs at ``count``: True, False or traced."""
-  if callable(active):
-    on = active(count)
-    return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
-        on, jnp.bool_)
-  return True if isinstance(active, (int, np.integer)) and active == 1 else (
-      count % active == 0)
-
-
-def select(on, if_on: Callable, if_off: Callable, x):
-  """``if_on(x)`` or ``if_off(x)`` for :func:`is_active`'s value (a traced
-  one with ``lax.cond``: only the branch taken runs)."""
-  if on is True or on is False:
-    return if_on(x) if on else if_off(x)
-  return jax.lax.cond(on, if_on, if_off, x)
-
-
 def all_finite(xs):
   """Whether every entry of the arrays ``xs`` is finite (a scalar bool).
 
@@ -181,11 +163,9 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
       ``max_iter`` rounds warm-started from the last scale (or one fewer
       from a nearer one a rule gives, ``Step.start``), no data-dependent
       loop; ``tol > 0``: rounds until the scale moves less than ``tol`` (cap
-      ``max_iter``, default 20). Default (both None): 2 fixed rounds at 2 bits
-      (relative excess D-weighted error over an MNIST run: mean 2e-7, max
-      1.1e-5 for LAQ, 2.5e-7 and 1.1e-5 for the STE's fitted scale,
-      ``experiments/results/projection_error.md``); above 2 bits (3 rounds
-      leave up to 1e-3) and at ``init``: rounds to ``tol = 1e-6``.
+      ``max_iter``, default 20). Default (both None): 2 fixed rounds at 2
+      bits; above 2 bits and at ``init``, rounds to ``tol = 1e-6``
+      (:doc:`/performance`, "k bits", gives their errors).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -203,11 +183,7 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
 
   def layout_of(params):
     selection.check_float_leaves(params, who)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sets = tuple(level_sets(params, quantize))
-    return Layout(tuple(selection.path_str(p) for p, _ in flat),
-                  tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
-                        for _, x in flat), sets)
+    return Layout.of(params, level_sets(params, quantize))
 
   def rounds_of(s, first):
     """``(tol, max_iter)`` of a leaf's projection (``first``: at init)."""
@@ -254,45 +230,11 @@ def quantized_latent(rule: Rule, level_sets: Callable[[Any], list], *,
         preprocess=pre.init(params), skipped_steps=jnp.zeros([], jnp.int32),
         cost=make_cost(), diagnostics=diag, layout=layout)
 
-  def check(state, params, grads):
-    if not isinstance(state, QuantizedLatentState):
-      fields = getattr(state, "_fields", ())
-      v01 = ("mu" in fields or "inner" in fields) and "latent" in fields
-      raise ValueError(
-          f"{who}: the optimizer state is a {type(state).__name__}, not a "
-          "QuantizedLatentState" + (
-              ": it has the layout of blaq_jax 0.1 (LossAwareState/STEState),"
-              " which this version cannot read. Create the state anew with "
-              "init() (a checkpoint of the old layout cannot be resumed)."
-              if v01 else "; was it created by another optimizer?"))
-    new, old = layout_of(params), state.layout
-    if old.paths != new.paths:
-      raise ValueError(
-          f"{who}: params do not match the optimizer state: leaves only in "
-          f"params: {sorted(set(new.paths) - set(old.paths))}, only in "
-          f"the state: {sorted(set(old.paths) - set(new.paths))}.")
-    selection.check_same_structure(params, grads, f"{who}: the gradient")
-    for path, a, b, sa, sb, g in zip(new.paths, old.shapes, new.shapes,
-                                     old.level_sets, new.level_sets,
-                                     jax.tree.leaves(grads)):
-      if a != b:
-        raise ValueError(
-            f"{who}: leaf '{path}' has shape {b[0]} and dtype {b[1]}, but the "
-            f"optimizer state was made for shape {a[0]} and dtype {a[1]}.")
-      if sa != sb:
-        raise ValueError(
-            f"{who}: the state does not match this optimizer's "
-            f"configuration at leaf '{path}' (state: {sa}, optimizer: {sb});"
-            " was it created by another config?")
-      if tuple(jnp.shape(g)) != b[0]:
-        raise ValueError(f"{who}: the gradient of leaf '{path}' has shape "
-                         f"{jnp.shape(g)}, the params {b[0]}.")
-
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(f"{who} needs params: call update(grads, state, "
                        "params).")
-    check(state, params, updates)
+    check_state(state, layout_of(params), params, updates, who)
     for name in rule.needs:
       if extra_args.get(name) is None:
         raise ValueError(NEEDS_MESSAGES[name].format(who=who))

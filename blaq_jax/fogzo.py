@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from blaq_jax import engine
 from blaq_jax import parallel
 from blaq_jax import quantizers
+from blaq_jax import schedules
 from blaq_jax.arguments import check_unit_interval, static_int
 from blaq_jax.state import FOGZOState, cosine, dot
 from blaq_jax.ste import Estimator
@@ -174,8 +174,8 @@ def estimator(*, beta, beta_min, beta_decay_steps, n, eps_scale, norm,
           directions_batch=directions_batch)
       return est, jnp.mean(jnp.abs(fds))
 
-    on = engine.is_active(active, count)
-    est, fd = engine.select(
+    on = schedules.is_active(active, count)
+    est, fd = schedules.select(
         on, zo, lambda _: (list(grads), jnp.zeros([], jnp.float32)), None)
     on = jnp.asarray(on, jnp.bool_)
     return est, FOGZOState(key, on, b, fd, cosine(est, grads)), (

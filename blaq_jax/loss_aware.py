@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from blaq_jax import engine
+from blaq_jax import schedules
 from blaq_jax import selection
 from blaq_jax.levels import LevelSet
 from blaq_jax.projection import BLENDED_SUM_BLOCK, project
@@ -257,11 +258,11 @@ def rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
     if not trial:
       w, den, mu_nu, _, _, stats = laq_step(ctx.grads)
       return result(w, stored_den(den), mu_nu, state.trial, True, stats)
-    on = False if a_is_one else engine.is_active(active, ctx.count)
+    on = False if a_is_one else schedules.is_active(active, ctx.count)
     if opaque and on is True:
       return result(*algorithm_1(ctx.grads), gradients=2)
     if opaque:  # under a traced schedule both branches start from q_t's scale
-      w, weight, *rest = engine.select(
+      w, weight, *rest = schedules.select(
           on, lambda g: formed(algorithm_1)(g)[:-1], laq_step, ctx.grads)
       return result(w, weight, *rest,
                     gradients=1 + jnp.asarray(on, jnp.int32))
@@ -288,7 +289,7 @@ def rule(learning_rate, *, b1, b2, eps, trial, a=1.0, active=1,
               jnp.ones([], jnp.bool_))
 
     out = jax.lax.cond(
-        state.trial.pending, formed(complete), lambda g: engine.select(
+        state.trial.pending, formed(complete), lambda g: schedules.select(
             on, start, lambda g: laq_step(g) + (jnp.ones([], jnp.bool_),), g),
         ctx.grads)
     return result(*out[:-1], commit=out[-1])

@@ -2,7 +2,9 @@
 
 The BLAQ appendix activates the two-stage update during one epoch out of every
 ``m`` and uses plain LAQ otherwise. A boolean schedule of the step count covers
-this, and also "every step".
+this, and also "every step". A method's ``active`` argument (BLAQ's trial,
+FOGZO's zeroth-order estimate) is such a schedule or an int period:
+:func:`is_active` reads it, :func:`select` runs the stage where it is on.
 
 Example:
   >>> from blaq_jax.schedules import one_epoch_every
@@ -13,7 +15,11 @@ Example:
 
 from __future__ import annotations
 
+from typing import Callable
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _check_positive(name, value):
@@ -51,3 +57,31 @@ def never(step):
   """Never active: BLAQ with this schedule is exactly LAQ (no trial traced)."""
   del step
   return False
+
+
+def check_active(active):
+  """Raises ValueError unless ``active`` is a period >= 1 or a callable."""
+  if isinstance(active, (bool, np.bool_)) or not (
+      callable(active) or isinstance(active, (jax.Array, jax.core.Tracer))
+      or (isinstance(active, (int, np.integer)) and active >= 1)):
+    raise ValueError(
+        "active must be a positive int period (1 = every step) or a callable "
+        f"step -> bool, got {active!r}.")
+
+
+def is_active(active, count):
+  """Whether an optional stage runs at ``count``: True, False or traced."""
+  if callable(active):
+    on = active(count)
+    return bool(on) if isinstance(on, (bool, np.bool_)) else jnp.asarray(
+        on, jnp.bool_)
+  return True if isinstance(active, (int, np.integer)) and active == 1 else (
+      count % active == 0)
+
+
+def select(on, if_on: Callable, if_off: Callable, x):
+  """``if_on(x)`` or ``if_off(x)`` for :func:`is_active`'s value (a traced
+  one with ``lax.cond``: only the branch taken runs)."""
+  if on is True or on is False:
+    return if_on(x) if on else if_off(x)
+  return jax.lax.cond(on, if_on, if_off, x)

@@ -330,6 +330,14 @@ class Layout:
   shapes: tuple
   level_sets: tuple
 
+  @classmethod
+  def of(cls, params, level_sets):
+    """The layout of ``params`` whose leaves have these level sets."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return cls(tuple(selection.path_str(p) for p, _ in flat),
+               tuple((tuple(jnp.shape(x)), str(jnp.result_type(x)))
+                     for _, x in flat), tuple(level_sets))
+
 
 class DiagnosticsState(NamedTuple):
   """Opt-in diagnostics (``diagnostics=True``).
@@ -369,6 +377,44 @@ class QuantizedLatentState(NamedTuple):
   cost: StepCost
   diagnostics: Any
   layout: Layout
+
+
+def check_state(state, new, params, grads, who):
+  """Raises ValueError, naming the optimizer ``who`` and the leaf, unless
+  ``state`` is a :class:`QuantizedLatentState` made for params of layout
+  ``new`` (paths, shapes, dtypes, level sets) and ``grads`` match them."""
+  if not isinstance(state, QuantizedLatentState):
+    fields = getattr(state, "_fields", ())
+    v01 = ("mu" in fields or "inner" in fields) and "latent" in fields
+    raise ValueError(
+        f"{who}: the optimizer state is a {type(state).__name__}, not a "
+        "QuantizedLatentState" + (
+            ": it has the layout of blaq_jax 0.1 (LossAwareState/STEState),"
+            " which this version cannot read. Create the state anew with "
+            "init() (a checkpoint of the old layout cannot be resumed)."
+            if v01 else "; was it created by another optimizer?"))
+  old = state.layout
+  if old.paths != new.paths:
+    raise ValueError(
+        f"{who}: params do not match the optimizer state: leaves only in "
+        f"params: {sorted(set(new.paths) - set(old.paths))}, only in "
+        f"the state: {sorted(set(old.paths) - set(new.paths))}.")
+  selection.check_same_structure(params, grads, f"{who}: the gradient")
+  for path, a, b, sa, sb, g in zip(new.paths, old.shapes, new.shapes,
+                                   old.level_sets, new.level_sets,
+                                   jax.tree.leaves(grads)):
+    if a != b:
+      raise ValueError(
+          f"{who}: leaf '{path}' has shape {b[0]} and dtype {b[1]}, but the "
+          f"optimizer state was made for shape {a[0]} and dtype {a[1]}.")
+    if sa != sb:
+      raise ValueError(
+          f"{who}: the state does not match this optimizer's "
+          f"configuration at leaf '{path}' (state: {sa}, optimizer: {sb});"
+          " was it created by another config?")
+    if tuple(jnp.shape(g)) != b[0]:
+      raise ValueError(f"{who}: the gradient of leaf '{path}' has shape "
+                       f"{jnp.shape(g)}, the params {b[0]}.")
 
 
 class TrialState(NamedTuple):

@@ -19,7 +19,6 @@ import optax
 from blaq_jax import engine
 from blaq_jax import quantizers
 from blaq_jax import selection
-from blaq_jax.arguments import ScalarOrSchedule
 from blaq_jax.levels import LevelSet
 from blaq_jax.projection import expand_scale
 from blaq_jax.state import STEState
@@ -44,7 +43,7 @@ def rule(optimizer, *, surrogate, scale, threshold, estimator=None,
   """The :class:`~blaq_jax.engine.Rule` of the STE family (of FOGZO and
   n-SPSA with an ``estimator``), for arguments :func:`blaq_jax.ste` has
   checked; ``guarded``: ``optimizer.update`` takes ``finite``, as
-  :func:`guarded_adam`'s does."""
+  :func:`blaq_jax.alias.guarded_adam`'s does."""
 
   def init(params, quantized):
     del quantized
@@ -110,46 +109,3 @@ def level_sets(bits, kind):
   return lambda params, quantize: [
       None if not b else LevelSet("blaq", 1) if b == 1 else LevelSet(kind, b)
       for b in selection.resolve_bits(params, quantize, bits, "blaq")]
-
-
-def guarded_adam(learning_rate: ScalarOrSchedule, b1: float = 0.9,
-                 b2: float = 0.999, eps: float = 1e-8
-                 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.adam`` whose ``update`` also takes ``finite``: the state is kept
-  when it is False, and the new moments are written once before the step
-  reads them. Same state and arithmetic as ``optax.adam``; the default inner
-  optimizer of the STE family (the engine then need not select the state
-  again, which made XLA copy the donated moments).
-
-  Example:
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"w": jnp.array([1.0, -2.0])}
-    >>> opt = guarded_adam(0.1)
-    >>> u, state = opt.update({"w": jnp.array([0.5, jnp.nan])},
-    ...                       opt.init(params), params, finite=False)
-    >>> int(optax.tree.get(state, "count")), u["w"].tolist()
-    (0, [0.0, 0.0])
-  """
-  base = optax.adam(learning_rate, b1, b2, eps)
-
-  def update(updates, state, params=None, *, finite=True, **extra):
-    del params, extra
-    adam, schedule = state
-    mu = optax.tree.update_moment(updates, adam.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, adam.nu, b2, 2)
-    count = optax.safe_increment(adam.count)
-    new = (optax.ScaleByAdamState(count, mu, nu), schedule)
-    lr = learning_rate
-    if callable(learning_rate):
-      lr = learning_rate(schedule.count)
-      new = (new[0], optax.ScaleByScheduleState(
-          optax.safe_increment(schedule.count)))
-    new = jax.lax.optimization_barrier(optax.tree.where(finite, new, state))
-    mu, nu, count = new[0].mu, new[0].nu, new[0].count
-    step = jax.tree.map(
-        lambda m, v: -lr * (m / (jnp.sqrt(v) + eps)),
-        optax.tree.bias_correction(mu, b1, count),
-        optax.tree.bias_correction(nu, b2, count))
-    return jax.tree.map(lambda x: jnp.where(finite, x, 0), step), new
-
-  return optax.GradientTransformationExtraArgs(base.init, update)

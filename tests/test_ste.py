@@ -12,7 +12,7 @@ import pytest
 import blaq_jax
 from blaq_jax import quantizers
 from blaq_jax.levels import LevelSet
-from blaq_jax.ste import guarded_adam
+from blaq_jax.alias import guarded_adam
 from problems import mlp_problem, train_mlp
 
 ALL = lambda path, leaf: True  # quantize every leaf  # noqa: E731
