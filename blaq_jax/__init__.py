@@ -40,8 +40,6 @@ from blaq_jax.state import scales
 from blaq_jax.state import StepCost
 from blaq_jax.state import step_cost
 
-__version__ = "0.1.0"
-
 # STE family (BinaryConnect, BWN, TWN, generic STE) and quantizers.
 from blaq_jax import quantizers
 from blaq_jax.alias import binary_connect
@@ -59,3 +57,26 @@ from blaq_jax.state import FOGZOState
 # Packed low-bit export, loading and size summary.
 from blaq_jax.export import export, load, read_export
 from blaq_jax.summary import summary
+
+__version__ = "0.1.0"
+
+# The public API: every name documented in docs/api.rst, and the modules
+# whose pages it links (tests/test_docs.py holds the two to each other).
+__all__ = [
+    # Methods (blaq_jax.alias) and every method by name.
+    "laq", "blaq", "ste", "binary_connect", "bwn", "twn", "fogzo", "n_spsa",
+    "fogzo_gradient", "methods",
+    # Schedules for BLAQ's (and FOGZO's) active.
+    "one_epoch_every", "every_n_steps", "never",
+    # Reading the optimizer state.
+    "quantized_params", "latent_params", "codes", "scales",
+    "quantized_tensors", "step_cost", "check_on_level_set", "curvature",
+    "QuantizedLatentState", "LossAwareState", "TrialState", "STEState",
+    "FOGZOState", "StepCost", "Diagnostics", "QuantizedTensor", "LeafScale",
+    # Level sets, projection and which leaves are quantized.
+    "LevelSet", "project", "default_quantize", "path_str", "quantizers",
+    # Flax NNX.
+    "nnx_grad_fn", "nnx_loss_fn",
+    # Export, loading and size.
+    "export", "load", "read_export", "summary",
+]

@@ -75,3 +75,20 @@ def test_a_broken_reference_fails_the_build(tmp_path):
   # whichever module defines it.
   assert "blaq_jax.state.quantized_params" not in text
   assert "reference target not found: blaq_jax.laq" not in text
+
+
+def test_all_is_the_documented_api():
+  """``blaq_jax.__all__`` holds exactly the names docs/api.rst documents
+  (functions and classes by bare name, modules by their pages), once each,
+  and ``from blaq_jax import *`` imports them."""
+  import blaq_jax
+  api = (REPO / "docs" / "api.rst").read_text()
+  documented = set(re.findall(r"^\.\. auto(?:function|class):: (\w+)$", api,
+                              re.M))
+  documented |= set(re.findall(
+      r"^\.\. auto(?:module|function):: blaq_jax\.(\w+)(?:\.\w+)?$", api, re.M))
+  assert len(blaq_jax.__all__) == len(set(blaq_jax.__all__))
+  assert sorted(blaq_jax.__all__) == sorted(documented)
+  namespace = {}
+  exec("from blaq_jax import *", namespace)  # pylint: disable=exec-used
+  assert set(blaq_jax.__all__) <= set(namespace)
